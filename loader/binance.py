@@ -1,0 +1,155 @@
+"""Binance's wire format: stream names, kline events as they arrive, and their decoding.
+
+Structs mirror Binance's one-letter keys (renamed to readable attributes) so msgspec validates a
+frame in one pass; anything that does not fit is classified, never raised past the reader.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+import time
+from typing import Final, Literal
+
+import msgspec
+
+from loader.schema import Candle
+
+INTERVALS: Final = (
+    "1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h",
+    "4h", "6h", "8h", "12h", "1d", "3d", "1w", "1M",
+)  # fmt: skip
+_UNIT_MS: Final = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+# JSON's own number grammar: what Binance sends as a decimal string must be emittable verbatim.
+_JSON_NUMBER: Final = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def stream_name(symbol: str, interval: str) -> str:
+    """Binance stream names carry the symbol in lowercase; uppercase ones get silence."""
+    return f"{symbol.lower()}@kline_{interval}"
+
+
+def stream_path(names: tuple[str, ...] | list[str]) -> str:
+    """A raw path for one stream, a combined one for several (payloads then come wrapped)."""
+    if len(names) == 1:
+        return f"/ws/{names[0]}"
+    return "/stream?streams=" + "/".join(names)
+
+
+def next_open_time(open_time: int, interval: str) -> int:
+    """Open time of the candle after the one opening at `open_time` (months are calendar months)."""
+    if interval == "1M":
+        opened = time.gmtime(open_time // 1000)
+        year, month0 = divmod(opened.tm_year * 12 + opened.tm_mon, 12)
+        return calendar.timegm((year, month0 + 1, 1, 0, 0, 0)) * 1000
+    return open_time + int(interval[:-1]) * _UNIT_MS[interval[-1]]
+
+
+class Kline(msgspec.Struct, frozen=True):
+    open_time: int = msgspec.field(name="t")
+    close_time: int = msgspec.field(name="T")
+    symbol: str = msgspec.field(name="s")
+    interval: str = msgspec.field(name="i")
+    first_trade_id: int = msgspec.field(name="f")
+    last_trade_id: int = msgspec.field(name="L")
+    open: str = msgspec.field(name="o")
+    close: str = msgspec.field(name="c")
+    high: str = msgspec.field(name="h")
+    low: str = msgspec.field(name="l")
+    volume: str = msgspec.field(name="v")
+    number_of_trades: int = msgspec.field(name="n")
+    is_closed: bool = msgspec.field(name="x")
+    quote_asset_volume: str = msgspec.field(name="q")
+    taker_buy_base_asset_volume: str = msgspec.field(name="V")
+    taker_buy_quote_asset_volume: str = msgspec.field(name="Q")
+
+
+class KlineEvent(msgspec.Struct, frozen=True, tag_field="e", tag="kline"):
+    event_time: int = msgspec.field(name="E")
+    symbol: str = msgspec.field(name="s")
+    kline: Kline = msgspec.field(name="k")
+
+
+class ServerShutdown(msgspec.Struct, frozen=True, tag_field="e", tag="serverShutdown"):
+    event_time: int = msgspec.field(name="E")
+
+
+Event = KlineEvent | ServerShutdown
+
+
+class Combined(msgspec.Struct, frozen=True):
+    stream: str
+    data: Event
+
+
+Malformed = Literal[
+    "binary", "oversize", "invalid_json", "unknown_event", "invalid_kline", "invalid_number"
+]
+
+
+class BadFrame(Exception):
+    """A frame the worker skips; `kind` is what metrics and logs count it under."""
+
+    def __init__(self, kind: Malformed, detail: str) -> None:
+        self.kind: Malformed = kind
+        super().__init__(detail)
+
+
+class FrameDecoder:
+    """Decodes frames of one connection: raw (`/ws/...`) or combined (`/stream?...`)."""
+
+    def __init__(self, *, combined: bool, max_size: int = 64 * 1024) -> None:
+        self.combined = combined
+        self.max_size = max_size
+        self._decode = msgspec.json.Decoder(Combined if combined else Event).decode
+
+    def decode(self, frame: str | bytes) -> Event:
+        if isinstance(frame, bytes):
+            raise BadFrame("binary", f"binary frame of {len(frame)} bytes")
+        if len(frame) > self.max_size:
+            raise BadFrame("oversize", f"frame of {len(frame)} characters")
+        try:
+            decoded = self._decode(frame)
+        except msgspec.DecodeError as exc:
+            raise self._classify(frame, exc) from None
+        return decoded.data if isinstance(decoded, Combined) else decoded
+
+    def _classify(self, frame: str, exc: msgspec.DecodeError) -> BadFrame:
+        if not isinstance(exc, msgspec.ValidationError):
+            return BadFrame("invalid_json", str(exc))
+        # Only the failure path pays for a second, untyped decode to say what the frame was.
+        obj = msgspec.json.decode(frame)
+        if self.combined and isinstance(obj, dict):
+            obj = obj.get("data")
+        event = obj.get("e") if isinstance(obj, dict) else None
+        if event in ("kline", "serverShutdown"):
+            return BadFrame("invalid_kline", str(exc))
+        return BadFrame("unknown_event", f"event {event!r}")
+
+
+def _number(text: str) -> msgspec.Raw:
+    raw = text.encode()
+    if not _JSON_NUMBER.fullmatch(raw):
+        raise BadFrame("invalid_number", f"{text!r} is not a decimal number")
+    return msgspec.Raw(raw)
+
+
+def to_candle(kline: Kline, *, with_state: bool = False) -> Candle:
+    """The published form of a kline: numbers as JSON numbers, digits exactly as Binance sent."""
+    return Candle(
+        open_time=kline.open_time,
+        open=_number(kline.open),
+        high=_number(kline.high),
+        low=_number(kline.low),
+        close=_number(kline.close),
+        volume=_number(kline.volume),
+        close_time=kline.close_time,
+        quote_asset_volume=_number(kline.quote_asset_volume),
+        number_of_trades=kline.number_of_trades,
+        taker_buy_base_asset_volume=_number(kline.taker_buy_base_asset_volume),
+        taker_buy_quote_asset_volume=_number(kline.taker_buy_quote_asset_volume),
+        symbol=kline.symbol,
+        interval=kline.interval,
+        is_closed=kline.is_closed if with_state else msgspec.UNSET,
+    )

@@ -1,0 +1,68 @@
+"""The process entry point: settings from the environment, signals, exit codes.
+
+Exit codes: 0 finished or stopped by command, 1 runtime failure (retryable), 2 bad
+configuration (retrying cannot help), 128+signal when stopped by SIGTERM (143) or SIGINT (130).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import trio
+
+from loader import logs
+from loader.settings import ConfigError, Settings, load_settings
+from loader.worker import Outcome, Worker, run
+
+
+class _Ready:
+    """A task status that keeps the worker handle, for stopping it on a signal."""
+
+    def __init__(self) -> None:
+        self.worker: Worker | None = None
+
+    def started(self, value: Worker | None = None) -> None:
+        self.worker = value
+
+
+async def serve(settings: Settings) -> int:
+    """Run the worker until it ends; SIGTERM/SIGINT stop it gracefully. Returns the exit code."""
+    ready = _Ready()
+    received: int | None = None
+    outcome: Outcome | None = None
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def forward_signals() -> None:
+                nonlocal received
+                async for signum in signals:
+                    received = received or signum
+                    name = signal.Signals(signum).name
+                    if ready.worker is not None:
+                        ready.worker.stop(f"stopped by {name}")
+                    else:
+                        nursery.cancel_scope.cancel()
+
+            async def main() -> None:
+                nonlocal outcome
+                outcome = await run(settings, task_status=ready)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(forward_signals)
+            nursery.start_soon(main)
+    if outcome is not None and outcome.status == "error":
+        return outcome.exit_code
+    if received is not None:
+        return 128 + received
+    return outcome.exit_code if outcome is not None else 1
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"loader-ws-candles: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logs.configure(settings.log_format, {"queue_id": settings.queue_id})
+    sys.exit(trio.run(serve, settings))

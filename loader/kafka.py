@@ -1,0 +1,102 @@
+"""kafka-python clients configured from settings: security, timeouts, and their safe closing."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from kafka import KafkaConsumer, KafkaProducer
+from loader.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+# kafka-python's close()/flush() wait forever without one; Job termination must not.
+CLOSE_TIMEOUT = 5.0
+
+
+class KafkaFailure(Exception):
+    """Kafka refused or could not be reached: the run ends with `error` and exit code 1."""
+
+
+def client_config(kafka: KafkaSettings, *, timeout: float) -> dict[str, Any]:
+    """Connection settings shared by producer and consumer.
+
+    A user means SASL_SSL; `ca_path` means TLS verified against that CA, hostname included.
+    """
+    config: dict[str, Any] = {
+        "bootstrap_servers": kafka.bootstrap_servers.split(","),
+        "security_protocol": kafka.security_protocol,
+        "bootstrap_timeout_ms": int(timeout * 1000),
+        "request_timeout_ms": int(min(timeout, 30.0) * 1000),
+    }
+    if kafka.security_protocol != "PLAINTEXT":
+        config["ssl_check_hostname"] = True
+        if kafka.ca_path is not None:
+            config["ssl_cafile"] = str(kafka.ca_path)
+    if kafka.user is not None and kafka.password is not None:
+        config["sasl_mechanism"] = kafka.sasl_mechanism
+        config["sasl_plain_username"] = kafka.user
+        config["sasl_plain_password"] = kafka.password.reveal()
+    return config
+
+
+def describe(exc: BaseException) -> str:
+    """kafka-python's exceptions often stringify to their bare class name; say more."""
+    text = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {text}" if text and text != name else name
+
+
+def open_producer(kafka: KafkaSettings, *, delivery_timeout: float) -> KafkaProducer:
+    """Blocking: connects (bootstrap) so a wrong address or password fails here, clearly."""
+    try:
+        return KafkaProducer(
+            **client_config(kafka, timeout=min(delivery_timeout, 60.0)),
+            acks="all",
+            enable_idempotence=True,
+            # Ordered per partition under retries, as the idempotent producer allows.
+            max_in_flight_requests_per_connection=5,
+            delivery_timeout_ms=int(delivery_timeout * 1000),
+            max_block_ms=int(min(delivery_timeout, 60.0) * 1000),
+            linger_ms=0,
+            batch_size=256 * 1024,
+            # Sensor bookkeeping costs several microseconds per record; Prometheus covers it.
+            metrics_enabled=False,
+        )
+    except Exception as exc:
+        raise KafkaFailure(
+            f"cannot open a Kafka producer to {kafka.bootstrap_servers}: {describe(exc)}"
+        ) from exc
+
+
+def open_consumer(kafka: KafkaSettings, *, timeout: float) -> KafkaConsumer:
+    """A group-less consumer: the Job is stateless and commits nothing."""
+    try:
+        return KafkaConsumer(
+            **client_config(kafka, timeout=timeout),
+            group_id=None,
+            enable_auto_commit=False,
+            metrics_enabled=False,
+        )
+    except Exception as exc:
+        raise KafkaFailure(
+            f"cannot open a Kafka consumer to {kafka.bootstrap_servers}: {describe(exc)}"
+        ) from exc
+
+
+async def aclose(client: KafkaProducer | KafkaConsumer) -> None:
+    """Close in a thread, bounded, even when the caller is being cancelled."""
+    with trio.CancelScope(shield=True):
+        try:
+            await trio.to_thread.run_sync(_close, client)
+        except Exception:
+            log.exception("closing the Kafka client failed")
+
+
+def _close(client: KafkaProducer | KafkaConsumer) -> None:
+    if isinstance(client, KafkaProducer):
+        client.close(timeout=CLOSE_TIMEOUT)
+    else:
+        client.close(autocommit=False, timeout_ms=int(CLOSE_TIMEOUT * 1000))

@@ -1,0 +1,281 @@
+"""Settings: every environment variable the worker reads, parsed once into an immutable object.
+
+Problems are collected rather than raised one at a time, so a misconfigured Job fails with a
+single message that names all of them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Final, Literal, TypeVar
+
+import msgspec
+
+from loader.binance import INTERVALS, stream_name
+
+MAX_STREAMS: Final = 1024
+SASL_MECHANISMS: Final = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
+DEFAULT_BOOTSTRAP: Final = "localhost:9092"
+DEFAULT_WS_URL: Final = "wss://stream.binance.com:9443/ws"
+DEFAULT_API_URL: Final = "wss://ws-api.binance.com:443/ws-api/v3"
+TOPIC_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,249}")
+SYMBOL_RE: Final = re.compile(r"[A-Za-z0-9]{2,20}")
+
+T = TypeVar("T")
+
+LogFormat = Literal["json", "text", "auto"]
+LOG_FORMATS: Final[dict[str, LogFormat]] = {"json": "json", "text": "text", "auto": "auto"}
+
+
+class ConfigError(Exception):
+    """The environment does not describe a runnable worker; `problems` names each fault."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class Secret:
+    """A string that never shows itself in reprs, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class KafkaSettings(msgspec.Struct, frozen=True, kw_only=True):
+    bootstrap_servers: str = DEFAULT_BOOTSTRAP
+    user: str | None = None
+    password: Secret | None = None
+    sasl_mechanism: str = "SCRAM-SHA-512"
+    ca_path: Path | None = None
+
+    @property
+    def security_protocol(self) -> Literal["PLAINTEXT", "SSL", "SASL_SSL"]:
+        if self.user is not None:
+            return "SASL_SSL"
+        return "SSL" if self.ca_path is not None else "PLAINTEXT"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    queue_id: str
+    symbols: tuple[str, ...]
+    intervals: tuple[str, ...]
+    kafka_topic: str
+    telemetry_producer_id: str
+    kafka: KafkaSettings
+    type: str = "ws_candles"
+    queue_control_topic: str = "queue-control"
+    queue_events_topic: str = "queue-events"
+    binance_ws_url: str = DEFAULT_WS_URL
+    binance_api_url: str = DEFAULT_API_URL
+    # Publish every in-progress update too, not just closed candles.
+    all_candles: bool = False
+    telemetry_interval: float = 10.0
+    stop_grace: float = 10.0
+    # kafka-python retries a record until this; past it the run ends with `error`.
+    delivery_timeout: float = 120.0
+    # Epoch seconds after which the run ends as `finished`.
+    stop_at: float | None = None
+    # How far back the control topic is read, so a stop sent before start still counts.
+    control_lookback: float = 3600.0
+    channel_size: int = 10_000
+    metrics_port: int | None = None
+    log_format: LogFormat = "auto"
+
+    @property
+    def streams(self) -> tuple[tuple[str, str], ...]:
+        """Every (SYMBOL, interval) pair, in the order the lists gave them."""
+        return tuple((s, i) for s in self.symbols for i in self.intervals)
+
+    @property
+    def stream_names(self) -> tuple[str, ...]:
+        return tuple(stream_name(s, i) for s, i in self.streams)
+
+
+class _Reader:
+    """Reads typed values from the environment, noting every problem instead of stopping."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def get(self, *names: str, required: bool = False) -> str | None:
+        for name in names:
+            value = self.env.get(name, "").strip()
+            if value:
+                return value
+        if required:
+            self.problems.append(f"{' or '.join(names)} is required")
+        return None
+
+    def parse(self, name: str, default: T, convert: Callable[[str], T], expected: str) -> T:
+        raw = self.get(name)
+        if raw is None:
+            return default
+        try:
+            return convert(raw)
+        except ValueError:
+            self.problems.append(f"{name}={raw!r} is not {expected}")
+            return default
+
+    def choice(
+        self, name: str, options: tuple[str, ...], default: str, *, upper: bool = False
+    ) -> str:
+        raw = self.get(name)
+        if raw is None:
+            return default
+        value = raw.upper() if upper else raw.lower()
+        if value not in options:
+            self.problems.append(f"{name}={raw!r} is not one of {', '.join(options)}")
+            return default
+        return value
+
+    def url(self, name: str, default: str) -> str:
+        value = self.get(name) or default
+        if not value.startswith(("ws://", "wss://")):
+            self.problems.append(f"{name}={value!r} is not a ws:// or wss:// URL")
+        return value
+
+    def topic(self, name: str, default: str | None = None) -> str:
+        value = self.get(name, required=default is None) or default or ""
+        if value and not TOPIC_RE.fullmatch(value):
+            self.problems.append(f"{name}={value!r} is not a valid Kafka topic name")
+        return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(raw)
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError(raw)
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError(raw)
+    return value
+
+
+def _stop_at(raw: str) -> float:
+    """Epoch milliseconds (all digits) or an ISO 8601 timestamp; naive ones are taken as UTC."""
+    if raw.isdigit():
+        return int(raw) / 1000
+    parsed = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
+
+
+def _split(raw: str | None) -> list[str]:
+    return [part.strip() for part in (raw or "").split(",") if part.strip()]
+
+
+def _streams(r: _Reader) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    symbols = tuple(dict.fromkeys(s.upper() for s in _split(r.get("SYMBOL", required=True))))
+    for symbol in symbols:
+        if not SYMBOL_RE.fullmatch(symbol):
+            r.problems.append(f"SYMBOL {symbol!r} is not a Binance symbol (letters and digits)")
+    intervals = tuple(dict.fromkeys(_split(r.get("INTERVAL")))) or ("1m",)
+    for interval in intervals:
+        if interval not in INTERVALS:
+            r.problems.append(f"INTERVAL {interval!r} is not one of {' '.join(INTERVALS)}")
+    if len(symbols) * len(intervals) > MAX_STREAMS:
+        r.problems.append(
+            f"SYMBOL x INTERVAL makes {len(symbols) * len(intervals)} streams; "
+            f"one connection carries at most {MAX_STREAMS}"
+        )
+    return symbols, intervals
+
+
+def _kafka(r: _Reader) -> KafkaSettings:
+    user = r.get("KAFKA_USER_PRODUCER", "KAFKA_USER")
+    password = r.get("KAFKA_PASSWORD_PRODUCER", "KAFKA_PASSWORD")
+    if user and not password:
+        r.problems.append("KAFKA_USER_PRODUCER is set but KAFKA_PASSWORD_PRODUCER is not")
+    if password and not user:
+        r.problems.append("KAFKA_PASSWORD_PRODUCER is set but KAFKA_USER_PRODUCER is not")
+    mechanism = r.choice("KAFKA_SASL_MECHANISM", SASL_MECHANISMS, "SCRAM-SHA-512", upper=True)
+    ca_raw = r.get("CA_PATH")
+    ca_path = Path(ca_raw) if ca_raw else None
+    if ca_path is not None and not ca_path.is_file():
+        r.problems.append(f"CA_PATH={ca_raw!r} is not a readable file")
+    return KafkaSettings(
+        bootstrap_servers=r.get("KAFKA_BOOTSTRAP_SERVERS") or DEFAULT_BOOTSTRAP,
+        user=user,
+        password=Secret(password) if password else None,
+        sasl_mechanism=mechanism,
+        ca_path=ca_path,
+    )
+
+
+def _seconds(r: _Reader, name: str, default: float) -> float:
+    return r.parse(name, default, _positive_float, "a positive number of seconds")
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build `Settings` from `env` (default: the process environment) or raise `ConfigError`."""
+    r = _Reader(os.environ if env is None else env)
+    queue_id = r.get("QUEUE_ID", required=True) or ""
+    symbols, intervals = _streams(r)
+    kafka_topic = r.topic("KAFKA_TOPIC")
+    producer_id = r.get("TELEMETRY_PRODUCER_ID", required=True) or ""
+    kafka = _kafka(r)
+    ws_url = r.url("BINANCE_WS_URL", DEFAULT_WS_URL)
+    api_url = r.url("BINANCE_API_URL", DEFAULT_API_URL)
+    candles = r.choice("CANDLES", ("closed", "all"), "closed")
+    log_format = LOG_FORMATS[r.choice("LOG_FORMAT", tuple(LOG_FORMATS), "auto")]
+    channel_size = r.parse("CHANNEL_SIZE", 10_000, _positive_int, "a positive whole number")
+    settings = Settings(
+        queue_id=queue_id,
+        symbols=symbols,
+        intervals=intervals,
+        kafka_topic=kafka_topic,
+        telemetry_producer_id=producer_id,
+        kafka=kafka,
+        type=r.get("TYPE") or "ws_candles",
+        queue_control_topic=r.topic("QUEUE_CONTROL_TOPIC", "queue-control"),
+        queue_events_topic=r.topic("QUEUE_EVENTS_TOPIC", "queue-events"),
+        binance_ws_url=ws_url,
+        binance_api_url=api_url,
+        all_candles=candles == "all",
+        telemetry_interval=_seconds(r, "TELEMETRY_INTERVAL", 10.0),
+        stop_grace=_seconds(r, "STOP_GRACE", 10.0),
+        delivery_timeout=_seconds(r, "KAFKA_DELIVERY_TIMEOUT", 120.0),
+        stop_at=r.parse("STOP_AT", None, _stop_at, "an ISO 8601 time or epoch milliseconds"),
+        control_lookback=_seconds(r, "CONTROL_LOOKBACK", 3600.0),
+        channel_size=channel_size,
+        metrics_port=r.parse("METRICS_PORT", None, _port, "a TCP port number"),
+        log_format=log_format,
+    )
+    if r.problems:
+        raise ConfigError(r.problems)
+    return settings

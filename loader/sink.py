@@ -1,0 +1,158 @@
+"""The Kafka sink: candles from the channel to Kafka, counted only once Kafka acknowledged them.
+
+kafka-python is blocking, so each batch is handed to it in one `trio.to_thread` call; its
+futures settle in kafka-python's own I/O thread and wake Trio once per batch. Batches are
+pipelined (several in flight) and settled strictly in order, so `records_written` is always a
+prefix of what was sent.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import trio
+
+from kafka import KafkaProducer
+from loader.kafka import KafkaFailure, describe
+from loader.schema import Candle
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 2048
+MAX_IN_FLIGHT = 8
+
+
+class DeliveryFailed(KafkaFailure):
+    """A record was finally refused or timed out: never a log line, always the run's end."""
+
+
+class Pending:
+    """Records handed to kafka-python together; `done` is set once every one has settled."""
+
+    __slots__ = ("_lock", "_remaining", "_token", "count", "done", "error")
+
+    def __init__(self, futures: Sequence[Any], token: trio.lowlevel.TrioToken) -> None:
+        self._lock = threading.Lock()
+        self._token = token
+        self._remaining = self.count = len(futures)
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+        if not futures:
+            self.done.set()
+        for future in futures:
+            future.add_both(self._settle)
+
+    def _settle(self, result: object) -> None:
+        # Runs in kafka-python's I/O thread (or the sending thread, if already settled).
+        with self._lock:
+            if isinstance(result, BaseException) and self.error is None:
+                self.error = result
+            self._remaining -= 1
+            last = self._remaining == 0
+        if last:
+            self._token.run_sync_soon(self.done.set)
+
+
+class KafkaSink:
+    """Owns one producer; `run` is the sender task, `publish` sends one record and awaits it."""
+
+    def __init__(self, producer: KafkaProducer, topic: str) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.records_written = 0
+        self.batches_sent = 0
+        self._unacked: collections.deque[Pending] = collections.deque()
+        self._encode = msgspec.json.Encoder().encode
+
+    async def run(
+        self,
+        candles: trio.MemoryReceiveChannel[Candle],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Send what arrives on `candles` until it closes; raise `DeliveryFailed` on a refusal."""
+        token = trio.lowlevel.current_trio_token()
+        in_flight_send, in_flight = trio.open_memory_channel[Pending](MAX_IN_FLIGHT)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._settle_in_order, in_flight)
+            task_status.started()
+            async with in_flight_send:
+                async for first in candles:
+                    batch = [first, *_drain(candles, MAX_BATCH - 1)]
+                    pending = await trio.to_thread.run_sync(self._send, batch, token)
+                    await in_flight_send.send(pending)
+
+    async def drain(self, candles: trio.MemoryReceiveChannel[Candle], deadline: float) -> None:
+        """After the tasks are gone: send what is still queued, settle all by `deadline`."""
+        with trio.CancelScope(deadline=deadline, shield=True) as scope:
+            token = trio.lowlevel.current_trio_token()
+            while batch := _drain(candles, MAX_BATCH):
+                await trio.to_thread.run_sync(self._send, batch, token)
+            while self._unacked:
+                await self._unacked[0].done.wait()
+                self._account(self._unacked[0])
+        if scope.cancelled_caught:
+            lost = sum(p.count for p in self._unacked) + _queued(candles)
+            raise DeliveryFailed(f"{lost} candles were not acknowledged within the stop grace")
+
+    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+        """Send one record (telemetry) and wait until Kafka acknowledged it."""
+        token = trio.lowlevel.current_trio_token()
+
+        def send() -> Pending:
+            return Pending([self.producer.send(topic, value=value, key=key)], token)
+
+        pending = await trio.to_thread.run_sync(send)
+        await pending.done.wait()
+        if pending.error is not None:
+            raise DeliveryFailed(f"Kafka refused a record for {topic}: {describe(pending.error)}")
+
+    def _send(self, batch: list[Candle], token: trio.lowlevel.TrioToken) -> Pending:
+        # Worker thread. Registering the batch here, not in Trio, keeps it accounted for even
+        # when the awaiting task is cancelled while this thread runs.
+        send, topic, encode = self.producer.send, self.topic, self._encode
+        try:
+            futures = [send(topic, value=encode(c), key=c.key) for c in batch]
+        except Exception as exc:
+            raise DeliveryFailed(f"cannot hand candles to Kafka: {describe(exc)}") from exc
+        pending = Pending(futures, token)
+        self._unacked.append(pending)
+        self.batches_sent += 1
+        return pending
+
+    async def _settle_in_order(self, in_flight: trio.MemoryReceiveChannel[Pending]) -> None:
+        async with in_flight:
+            async for pending in in_flight:
+                await pending.done.wait()
+                # drain() may have settled it already, after a cancelled run.
+                if self._unacked and self._unacked[0] is pending:
+                    self._account(pending)
+
+    def _account(self, pending: Pending) -> None:
+        self._unacked.popleft()
+        if pending.error is not None:
+            raise DeliveryFailed(
+                f"Kafka did not acknowledge candles for {self.topic}: {describe(pending.error)}"
+            )
+        self.records_written += pending.count
+
+
+def _drain(channel: trio.MemoryReceiveChannel[Candle], limit: int) -> list[Candle]:
+    items: list[Candle] = []
+    while len(items) < limit:
+        try:
+            items.append(channel.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            break
+    return items
+
+
+def _queued(channel: trio.MemoryReceiveChannel[Candle]) -> int:
+    used = channel.statistics().current_buffer_used
+    return used if math.isfinite(used) else 0

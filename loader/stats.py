@@ -1,0 +1,27 @@
+"""Counters the tasks bump on their hot paths; metrics and telemetry read them, never the reverse.
+
+Plain integers, not Prometheus objects: an increment here is an attribute store, and the
+exporter turns them into samples only when scraped.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+
+@dataclasses.dataclass
+class Stats:
+    frames_received: int = 0
+    candles_received: int = 0
+    candles_published: int = 0
+    candles_backfilled: int = 0
+    duplicates_dropped: int = 0
+    malformed: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    reconnects: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    control_ignored: int = 0
+    last_frame_at: float = dataclasses.field(default_factory=time.monotonic)
+
+    def frame_age(self) -> float:
+        return time.monotonic() - self.last_frame_at

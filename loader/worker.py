@@ -1,0 +1,152 @@
+"""The worker: Binance -> channel -> Kafka, with control and telemetry beside it, in one nursery.
+
+`run` is the embeddable entry point: `worker = await nursery.start(run, settings)` in a caller's
+nursery, then `worker.stop()` (or a stop command on the control topic) ends it gracefully.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import trio
+
+from loader.control import watch_control
+from loader.kafka import KafkaFailure, aclose, describe, open_producer
+from loader.schema import Candle, Status
+from loader.settings import Settings
+from loader.sink import KafkaSink
+from loader.source import read_binance
+from loader.stats import Stats
+from loader.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How a run ended: the terminal telemetry status, its sentence, and the exit code."""
+
+    status: Status
+    message: str
+    records_written: int
+    exit_code: int
+
+
+class FatalError(Exception):
+    """Ends the run with `error`; `exit_code` 2 says retrying cannot help (bad config)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Worker:
+    """Handle to a running worker: its counters, and `stop()`."""
+
+    def __init__(self, settings: Settings, sink: KafkaSink) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.stats = Stats()
+        self.scope = trio.CancelScope()
+        self.stopped: tuple[Status, str] | None = None
+
+    @property
+    def records_written(self) -> int:
+        return self.sink.records_written
+
+    def stop(self, reason: str = "stopped", status: Status = "interrupted") -> None:
+        """End the run gracefully: the reader stops now, what was received is delivered."""
+        if self.stopped is None:
+            self.stopped = (status, reason)
+        self.scope.cancel()
+
+    def progress(self) -> str:
+        return (
+            f"{self.records_written} candles written to {self.settings.kafka_topic} "
+            f"from {len(self.settings.streams)} stream(s)"
+        )
+
+
+async def run(
+    settings: Settings,
+    *,
+    task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED,
+) -> Outcome:
+    """Run until stopped, `STOP_AT`, or a fatal error; return how it ended."""
+    try:
+        producer = await trio.to_thread.run_sync(
+            lambda: open_producer(settings.kafka, delivery_timeout=settings.delivery_timeout)
+        )
+    except KafkaFailure as exc:
+        log.error("%s", exc)
+        return Outcome("error", str(exc), 0, 1)
+    sink = KafkaSink(producer, settings.kafka_topic)
+    try:
+        return await _run(settings, sink, task_status)
+    finally:
+        await aclose(producer)
+
+
+async def _run(
+    settings: Settings, sink: KafkaSink, task_status: trio.TaskStatus[Worker]
+) -> Outcome:
+    worker = Worker(settings, sink)
+    telemetry = Telemetry(settings, sink)
+    candles_in, candles_out = trio.open_memory_channel[Candle](settings.channel_size)
+    failure: BaseException | None = None
+    try:
+        with worker.scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sink.run, candles_out)
+                await nursery.start(watch_control, settings, worker.stop, worker.stats)
+                await nursery.start(read_binance, settings, candles_in, worker.stats)
+                await telemetry.send("started", f"started streaming {_streams(settings)}")
+                nursery.start_soon(telemetry.report_progress, worker.progress)
+                if settings.stop_at is not None:
+                    nursery.start_soon(_stop_at, worker, settings.stop_at)
+                task_status.started(worker)
+    except Exception as exc:
+        failure = _first_failure(exc)
+    finally:
+        # Runs on stop, on failure and on outside cancellation alike: deliver what was received.
+        if not isinstance(failure, KafkaFailure):
+            try:
+                await sink.drain(candles_out, trio.current_time() + settings.stop_grace)
+            except KafkaFailure as exc:
+                failure = exc
+        outcome = _outcome(worker, failure)
+        if failure is not None:
+            log.error("run failed: %s", outcome.message)
+        await telemetry.final(outcome.status, outcome.message)
+    return outcome
+
+
+def _outcome(worker: Worker, failure: BaseException | None) -> Outcome:
+    written = worker.records_written
+    if failure is not None:
+        code = failure.exit_code if isinstance(failure, FatalError) else 1
+        return Outcome(
+            "error", f"failed after {written} candles: {describe(failure)}", written, code
+        )
+    status, reason = worker.stopped or ("interrupted", "cancelled by the caller")
+    return Outcome(status, f"{reason}; {written} candles written", written, 0)
+
+
+def _first_failure(exc: BaseException) -> BaseException:
+    """The first real error out of a (nested) exception group, for one clear message."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _streams(settings: Settings) -> str:
+    names = settings.stream_names
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"{shown} into {settings.kafka_topic}"
+
+
+async def _stop_at(worker: Worker, stop_at: float) -> None:
+    await trio.sleep(max(0.0, stop_at - time.time()))
+    worker.stop("reached STOP_AT", status="finished")
