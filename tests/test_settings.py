@@ -1,0 +1,137 @@
+"""Settings from the environment: defaults, aliases, and one message naming every problem."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loader.settings import ConfigError, Secret, load_settings
+
+MINIMAL = {
+    "QUEUE_ID": "q-1",
+    "SYMBOL": "btcusdt",
+    "KAFKA_TOPIC": "candles",
+    "TELEMETRY_PRODUCER_ID": "loader-1",
+}
+
+
+def test_defaults() -> None:
+    s = load_settings(MINIMAL)
+    assert s.symbols == ("BTCUSDT",)
+    assert s.intervals == ("1m",)
+    assert s.type == "ws_candles"
+    assert s.kafka.bootstrap_servers == "localhost:9092"
+    assert s.kafka.security_protocol == "PLAINTEXT"
+    assert (s.queue_control_topic, s.queue_events_topic) == ("queue-control", "queue-events")
+    assert s.binance_ws_url == "wss://stream.binance.com:9443/ws"
+    assert s.telemetry_interval == 10.0
+    assert s.stop_grace == 10.0
+    assert not s.all_candles
+
+
+def test_streams_are_every_symbol_interval_pair_in_lowercase_names() -> None:
+    s = load_settings({**MINIMAL, "SYMBOL": "BTCUSDT, ethusdt,BTCUSDT", "INTERVAL": "1m,1h"})
+    assert s.stream_names == (
+        "btcusdt@kline_1m", "btcusdt@kline_1h", "ethusdt@kline_1m", "ethusdt@kline_1h",
+    )  # fmt: skip
+
+
+def test_security_follows_user_and_ca(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    sasl = load_settings({**MINIMAL, "KAFKA_USER": "u", "KAFKA_PASSWORD": "p", "CA_PATH": str(ca)})
+    assert sasl.kafka.security_protocol == "SASL_SSL"
+    assert sasl.kafka.sasl_mechanism == "SCRAM-SHA-512"
+    assert sasl.kafka.ca_path == ca
+    tls = load_settings({**MINIMAL, "CA_PATH": str(ca)})
+    assert tls.kafka.security_protocol == "SSL"
+
+
+def test_producer_names_win_over_aliases() -> None:
+    s = load_settings(
+        {
+            **MINIMAL,
+            "KAFKA_USER_PRODUCER": "producer",
+            "KAFKA_PASSWORD_PRODUCER": "right",
+            "KAFKA_USER": "alias",
+            "KAFKA_PASSWORD": "wrong",
+        }
+    )
+    assert s.kafka.user == "producer"
+    assert s.kafka.password == Secret("right")
+
+
+def test_secret_never_shows() -> None:
+    s = load_settings({**MINIMAL, "KAFKA_USER": "u", "KAFKA_PASSWORD": "hunter2-secret"})
+    assert "hunter2-secret" not in repr(s)
+    assert "hunter2-secret" not in str(s.kafka)
+    assert s.kafka.password is not None
+    assert s.kafka.password.reveal() == "hunter2-secret"
+
+
+def test_stop_at_accepts_iso_and_epoch_ms() -> None:
+    iso = load_settings({**MINIMAL, "STOP_AT": "2026-11-24T10:00:00Z"})
+    ms = load_settings({**MINIMAL, "STOP_AT": "1795514400000"})
+    naive = load_settings({**MINIMAL, "STOP_AT": "2026-11-24T10:00:00"})
+    assert iso.stop_at == ms.stop_at == naive.stop_at == 1795514400.0
+
+
+def test_every_problem_is_named_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            {
+                "SYMBOL": "btc-usdt",
+                "INTERVAL": "2m",
+                "KAFKA_USER": "u",
+                "CA_PATH": "/nonexistent/ca.pem",
+                "STOP_AT": "tomorrow",
+                "CANDLES": "some",
+                "TELEMETRY_INTERVAL": "-1",
+                "METRICS_PORT": "70000",
+                "BINANCE_WS_URL": "http://example",
+                "KAFKA_TOPIC": "bad topic",
+            }
+        )
+    text = str(caught.value)
+    for needle in [
+        "QUEUE_ID", "TELEMETRY_PRODUCER_ID", "'BTC-USDT'", "'2m'", "KAFKA_PASSWORD_PRODUCER",
+        "CA_PATH", "STOP_AT", "CANDLES", "TELEMETRY_INTERVAL", "METRICS_PORT", "BINANCE_WS_URL",
+        "KAFKA_TOPIC",
+    ]:  # fmt: skip
+        assert needle in text
+    assert len(caught.value.problems) == 12
+
+
+def test_too_many_streams() -> None:
+    symbols = ",".join(f"S{i}USDT" for i in range(65))
+    with pytest.raises(ConfigError, match="1040 streams"):
+        load_settings(
+            {
+                **MINIMAL,
+                "SYMBOL": symbols,
+                "INTERVAL": "1m,3m,5m,15m,30m,1h,2h,4h,6h,8h,12h,1d,3d,1w,1M,1s",
+            }
+        )
+
+
+def test_process_exits_2_with_one_message_naming_every_problem() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA", "QUEUE", "SYMBOL"))}
+    env.update({"INTERVAL": "7m", "KAFKA_PASSWORD_PRODUCER": "s3cret-value"})
+    done = subprocess.run(
+        [sys.executable, "-m", "loader"],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("invalid configuration") == 1
+    for needle in ["QUEUE_ID", "SYMBOL", "'7m'", "KAFKA_TOPIC", "KAFKA_USER_PRODUCER"]:
+        assert needle in done.stderr
+    assert "s3cret-value" not in done.stderr
