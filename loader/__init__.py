@@ -9,8 +9,9 @@ Embedding::
         worker.stop()
 """
 
+from loader.errors import FatalError
 from loader.settings import ConfigError, KafkaSettings, Secret, Settings, load_settings
-from loader.worker import FatalError, Outcome, Worker, run
+from loader.worker import Outcome, Worker, run
 
 __all__ = [
     "ConfigError",

@@ -16,9 +16,9 @@ import trio
 
 from kafka import KafkaConsumer, TopicPartition
 from loader.kafka import aclose, open_consumer
+from loader.logs import ThrottledLog
 from loader.schema import ControlCommand
 from loader.settings import Settings
-from loader.source import ThrottledLog
 from loader.stats import Stats
 
 log = logging.getLogger(__name__)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import logging
 import sys
+import time
 from typing import Any
 
 import msgspec
@@ -51,3 +53,23 @@ def configure(log_format: LogFormat, context: dict[str, str], level: int = loggi
     # kafka-python logs every reconnect attempt at WARNING/ERROR; our own messages say it once.
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     logging.getLogger("trio-websocket").setLevel(logging.WARNING)
+
+
+class ThrottledLog:
+    """Logs the first occurrence of each kind, then at most once per `period` with a count."""
+
+    def __init__(self, logger: logging.Logger, period: float = 10.0) -> None:
+        self._logger = logger
+        self._period = period
+        self._next: dict[str, float] = {}
+        self._suppressed: collections.Counter[str] = collections.Counter()
+
+    def warning(self, kind: str, message: str) -> None:
+        now = time.monotonic()
+        if now < self._next.get(kind, 0.0):
+            self._suppressed[kind] += 1
+            return
+        self._next[kind] = now + self._period
+        skipped = self._suppressed.pop(kind, 0)
+        suffix = f" ({skipped} more like it since the last report)" if skipped else ""
+        self._logger.warning("%s: %s%s", kind, message, suffix)

@@ -100,6 +100,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # How far back the control topic is read, so a stop sent before start still counts.
     control_lookback: float = 3600.0
     channel_size: int = 10_000
+    # No frame for this long means a dead connection (Binance does not always ping on time).
+    stall_timeout: float = 10.0
+    # Binance cuts every connection at 24 h; a fresh one is opened before that, overlapping.
+    rotate_after: float = 23 * 3600.0
+    # How far back a gap (or a restart) is filled from the history API.
+    backfill_window: float = 24 * 3600.0
+    # Binance bans IPs above 300 connection attempts per 5 minutes; stay far below.
+    connects_per_minute: int = 5
     metrics_port: int | None = None
     log_format: LogFormat = "auto"
 
@@ -273,6 +281,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         stop_at=r.parse("STOP_AT", None, _stop_at, "an ISO 8601 time or epoch milliseconds"),
         control_lookback=_seconds(r, "CONTROL_LOOKBACK", 3600.0),
         channel_size=channel_size,
+        stall_timeout=_seconds(r, "STALL_TIMEOUT", 10.0),
+        rotate_after=_seconds(r, "ROTATE_AFTER", 23 * 3600.0),
+        backfill_window=_seconds(r, "BACKFILL_WINDOW", 24 * 3600.0),
+        connects_per_minute=r.parse(
+            "CONNECTS_PER_MINUTE", 5, _positive_int, "a positive whole number"
+        ),
         metrics_port=r.parse("METRICS_PORT", None, _port, "a TCP port number"),
         log_format=log_format,
     )

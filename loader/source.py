@@ -1,14 +1,18 @@
-"""The Binance source: kline frames off the WebSocket, candles into the channel.
+"""The Binance source: kline frames off the WebSocket, candles into the channel, without gaps.
 
-The reader never waits on Kafka: it only waits on the bounded channel, and trio-websocket answers
-Binance's pings from its own reader task, which keeps running while ours drains its queue.
-Each stream's order is guarded here, so a candle is never published twice nor out of order,
-whatever the connections underneath do.
+Layout: each connection has a reader task that only decodes frames and hands them on, so
+trio-websocket's own reader keeps answering Binance's pings; a single publisher task applies
+each stream's order guard and fills gaps from the history API; a supervisor replaces
+connections that die, stall, reach their lifetime or announce a server shutdown, opening the
+new one before closing the old. Overlap is harmless: the guard drops what was already published.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -19,12 +23,18 @@ import trio_websocket
 
 from loader.binance import (
     BadFrame,
+    Event,
     FrameDecoder,
+    Kline,
     KlineEvent,
     ServerShutdown,
+    next_open_time,
     stream_path,
     to_candle,
 )
+from loader.errors import FatalError
+from loader.history import History, HistoryError
+from loader.logs import ThrottledLog
 from loader.schema import Candle
 from loader.settings import Settings
 from loader.stats import Stats
@@ -33,158 +43,329 @@ log = logging.getLogger(__name__)
 
 # trio-websocket closes the connection past this; smaller odd frames are skipped and counted.
 HARD_FRAME_LIMIT: Final = 4 * 1024 * 1024
+BACKFILL_ATTEMPTS: Final = 3
+
+Stream = tuple[str, str]  # (SYMBOL, interval)
 
 
-class StreamGuard:
-    """Per-stream publishing state: what was last published decides what may follow."""
+class Backoff:
+    """Capped exponential backoff with full jitter, plus a cap on attempts per minute."""
 
-    __slots__ = ("last_closed", "last_update")
+    def __init__(
+        self,
+        per_minute: int,
+        base: float = 1.0,
+        cap: float = 30.0,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.base, self.cap, self.rng = base, cap, rng
+        self.attempt = 0
+        self._recent: collections.deque[float] = collections.deque(maxlen=per_minute)
 
-    def __init__(self, last_closed: int = -1) -> None:
+    def delay(self, at_least: float = 0.0) -> float:
+        """Seconds to wait before the next attempt."""
+        jittered = min(self.cap, self.base * 2.0**self.attempt) * self.rng()
+        self.attempt += 1
+        now = trio.current_time()
+        window = 0.0
+        if len(self._recent) == self._recent.maxlen:
+            window = self._recent[0] + 60.0 - now
+        return max(jittered, at_least, window, 0.0)
+
+    def attempted(self) -> None:
+        self._recent.append(trio.current_time())
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Guard:
+    """One stream's publishing state: what was published decides what may follow."""
+
+    __slots__ = ("last_closed", "last_update", "next_open", "seen")
+
+    def __init__(self, last_closed: int = -1, interval: str = "1m") -> None:
         self.last_closed = last_closed  # open time of the last closed candle published
+        self.next_open = next_open_time(last_closed, interval) if last_closed >= 0 else -1
         self.last_update = -1  # event time of the last in-progress update published
+        self.seen = -math.inf  # trio time of the last frame for this stream
 
 
-class ThrottledLog:
-    """Logs the first occurrence of each kind, then at most once per `period` with a count."""
+class Connection:
+    """One WebSocket; `retire` is set when it should be replaced, with `reason` saying why."""
 
-    def __init__(self, logger: logging.Logger, period: float = 10.0) -> None:
-        self._logger = logger
-        self._period = period
-        self._next: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.scope = trio.CancelScope()
+        self.connected_at = trio.current_time()
+        # Silence counts only while the reader waits on the socket, not while the channel
+        # holds it back: backpressure from Kafka is not a dead connection.
+        self.reading = False
+        self.idle_since = self.connected_at
+        self.first_frame = trio.Event()
+        self.retire = trio.Event()
+        self.reason = ""
+        self.dead = False
 
-    def warning(self, kind: str, message: str) -> None:
-        now = time.monotonic()
-        if now < self._next.get(kind, 0.0):
-            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-            return
-        self._next[kind] = now + self._period
-        skipped = self._suppressed.pop(kind, 0)
-        suffix = f" ({skipped} more like it since the last report)" if skipped else ""
-        self._logger.warning("%s: %s%s", kind, message, suffix)
+    def retire_for(self, reason: str, *, dead: bool = False) -> None:
+        if not self.retire.is_set():
+            self.reason = reason
+            self.retire.set()
+        self.dead = self.dead or dead
 
 
-class Publisher:
-    """Turns kline events into candles on the channel, in order and without repeats."""
+class Source:
+    """Reads every configured stream over one connection (at a time) into `candles`."""
 
     def __init__(
         self,
         settings: Settings,
         candles: trio.MemorySendChannel[Candle],
         stats: Stats,
+        *,
+        resume: dict[Stream, int] | None = None,
+        history: History | None = None,
     ) -> None:
-        self.all_candles = settings.all_candles
+        self.settings = settings
         self.candles = candles
         self.stats = stats
-        self.guards = {(s, i): StreamGuard() for s, i in settings.streams}
+        self.history = history or History(settings.binance_api_url)
+        resume = resume or {}
+        self.guards = {s: Guard(resume.get(s, -1), s[1]) for s in settings.streams}
+        names = list(settings.stream_names)
+        base = settings.binance_ws_url.rstrip("/").removesuffix("/ws").removesuffix("/stream")
+        self.url = base + stream_path(names)
+        self.decoder = FrameDecoder(combined=len(names) > 1)
+        self.backoff = Backoff(settings.connects_per_minute)
         self.bad = ThrottledLog(log)
+        self.valid_symbols: set[str] = set()
+        self._numbers = itertools.count(1)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, report ready, and keep a live connection until cancelled."""
+        events_in, events_out = trio.open_memory_channel[tuple[Connection, Event]](1024)
+        async with self.candles, trio.open_nursery() as nursery:
+            nursery.start_soon(self._publish, events_out)
+            current = await self._connect(nursery, events_in)
+            task_status.started()
+            nursery.start_soon(self._watch_symbols)
+            while True:
+                await current.retire.wait()
+                if current.dead:
+                    current.scope.cancel()
+                    current = await self._connect(nursery, events_in)
+                    continue
+                # Rotation: the old connection keeps delivering until the new one does.
+                log.info("rotating the Binance connection (%s)", current.reason)
+                replacement = await self._connect(nursery, events_in)
+                with trio.move_on_after(self.settings.stall_timeout):
+                    await replacement.first_frame.wait()
+                current.scope.cancel()
+                current = replacement
+
+    async def _connect(
+        self, nursery: trio.Nursery, events: trio.MemorySendChannel[tuple[Connection, Event]]
+    ) -> Connection:
+        """Open a connection, retrying with backoff; a 429/418 waits at least its Retry-After."""
+        retry_after = 0.0
+        while True:
+            self.backoff.attempted()
+            try:
+                conn: Connection = await nursery.start(self._connection, events.clone())
+            except trio_websocket.ConnectionRejected as exc:
+                retry_after = _retry_after(exc)
+                reason = f"rejected_{exc.status_code}"
+            except (trio_websocket.HandshakeError, OSError) as exc:
+                reason = type(exc).__name__
+            else:
+                return conn
+            self.stats.reconnects[reason] += 1
+            delay = self.backoff.delay(at_least=retry_after)
+            log.warning("cannot connect to Binance (%s); retrying in %.1f s", reason, delay)
+            await trio.sleep(delay)
+
+    async def _connection(
+        self,
+        events: trio.MemorySendChannel[tuple[Connection, Event]],
+        *,
+        task_status: trio.TaskStatus[Connection] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        conn = Connection(next(self._numbers))
+        async with events:
+            with conn.scope:
+                async with trio_websocket.open_websocket_url(
+                    self.url,
+                    message_queue_size=256,
+                    max_message_size=HARD_FRAME_LIMIT,
+                    receive_buffer_size=64 * 1024,
+                    connect_timeout=10,
+                    disconnect_timeout=2,
+                ) as ws:
+                    conn.connected_at = trio.current_time()
+                    log.info("connected to Binance (connection %d)", conn.number)
+                    task_status.started(conn)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._watch, conn)
+                        try:
+                            await self._read(ws, conn, events)
+                        except trio_websocket.ConnectionClosed as exc:
+                            self.stats.reconnects["closed"] += 1
+                            log.warning("Binance closed connection %d: %s", conn.number, exc)
+                        conn.retire_for("closed", dead=True)
+                        nursery.cancel_scope.cancel()
+
+    async def _read(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        conn: Connection,
+        events: trio.MemorySendChannel[tuple[Connection, Event]],
+    ) -> None:
+        decode, stats = self.decoder.decode, self.stats
+        while True:
+            conn.reading, conn.idle_since = True, trio.current_time()
+            frame = await ws.get_message()
+            conn.reading = False
+            stats.frames_received += 1
+            stats.last_frame_at = time.monotonic()
+            try:
+                event = decode(frame)
+            except BadFrame as bad:
+                self.skip(bad.kind, str(bad))
+                continue
+            if not conn.first_frame.is_set():
+                conn.first_frame.set()
+                self.backoff.reset()
+            await events.send((conn, event))
+
+    async def _watch(self, conn: Connection) -> None:
+        """Retire a connection that went silent, or that reached its lifetime."""
+        timeout = self.settings.stall_timeout
+        retire_at = conn.connected_at + self.settings.rotate_after
+        while True:
+            await trio.sleep(min(timeout / 4, max(0.0, retire_at - trio.current_time())))
+            now = trio.current_time()
+            if now >= retire_at:
+                conn.retire_for("lifetime")
+            if conn.reading and now - conn.idle_since > timeout:
+                self.stats.reconnects["stalled"] += 1
+                log.warning("no frame from Binance for %.1f s; reconnecting", timeout)
+                conn.retire_for("stalled", dead=True)
+                return
+
+    async def _publish(self, events: trio.MemoryReceiveChannel[tuple[Connection, Event]]) -> None:
+        async for conn, event in events:
+            if isinstance(event, ServerShutdown):
+                self.stats.reconnects["server_shutdown"] += 1
+                conn.retire_for("server shutdown")
+                continue
+            await self.kline(event)
 
     async def kline(self, event: KlineEvent) -> None:
+        """Publish one kline event if it moves its stream forward, filling any gap first."""
         k = event.kline
         guard = self.guards.get((k.symbol, k.interval))
         if guard is None:
             self.skip("unexpected_stream", f"{k.symbol} {k.interval} was not asked for")
             return
+        guard.seen = trio.current_time()
+        if k.open_time > guard.next_open >= 0:
+            await self._backfill(guard, k)
         if k.is_closed:
             self.stats.candles_received += 1
             if k.open_time <= guard.last_closed:
                 self.stats.duplicates_dropped += 1
                 return
-            candle = self.candle(event)
-            if candle is None:
-                return
-            guard.last_closed = k.open_time
+        elif not self.settings.all_candles:
+            return
+        elif k.open_time <= guard.last_closed or event.event_time <= guard.last_update:
+            self.stats.duplicates_dropped += 1
+            return
+        try:
+            candle = to_candle(k, with_state=self.settings.all_candles)
+        except BadFrame as bad:
+            self.skip(bad.kind, str(bad))
+            return
+        if k.is_closed:
+            guard.last_closed, guard.next_open = (
+                k.open_time,
+                next_open_time(k.open_time, k.interval),
+            )
         else:
-            if not self.all_candles:
-                return
-            if k.open_time <= guard.last_closed or event.event_time <= guard.last_update:
-                self.stats.duplicates_dropped += 1
-                return
-            candle = self.candle(event)
-            if candle is None:
-                return
             guard.last_update = event.event_time
         await self.candles.send(candle)
         self.stats.candles_published += 1
 
-    def candle(self, event: KlineEvent) -> Candle | None:
-        try:
-            return to_candle(event.kline, with_state=self.all_candles)
-        except BadFrame as bad:
-            self.skip(bad.kind, str(bad))
-            return None
+    async def _backfill(self, guard: Guard, k: Kline) -> None:
+        """Publish the closed candles between the last published one and `k`, oldest first."""
+        start = guard.next_open
+        floor = k.open_time - int(self.settings.backfill_window * 1000)
+        if start < floor:
+            log.warning(
+                "%s %s: gap reaches back beyond BACKFILL_WINDOW; filling from %d, not %d",
+                k.symbol, k.interval, floor, start,
+            )  # fmt: skip
+            start = floor
+        missing = await self._fetch(k.symbol, k.interval, start, k.open_time - 1)
+        log.info("%s %s: backfilled %d closed candles", k.symbol, k.interval, len(missing))
+        for kline in missing:
+            if kline.open_time <= guard.last_closed:
+                continue
+            candle = to_candle(kline, with_state=self.settings.all_candles)
+            guard.last_closed = kline.open_time
+            guard.next_open = next_open_time(kline.open_time, kline.interval)
+            await self.candles.send(candle)
+            self.stats.candles_published += 1
+            self.stats.candles_backfilled += 1
+
+    async def _fetch(self, symbol: str, interval: str, start: int, end: int) -> list[Kline]:
+        for attempt in range(1, BACKFILL_ATTEMPTS + 1):
+            try:
+                return await self.history.closed_klines(symbol, interval, start, end)
+            except (HistoryError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
+                    OSError, trio.TooSlowError) as exc:  # fmt: skip
+                if attempt == BACKFILL_ATTEMPTS:
+                    # A gap that cannot be filled must not pass silently: the Job's retry
+                    # resumes from the topic and tries again.
+                    raise FatalError(f"cannot backfill {symbol} {interval}: {exc}") from exc
+                log.warning("backfill of %s %s failed (%s); retrying", symbol, interval, exc)
+                await trio.sleep(2.0**attempt)
+        raise AssertionError("unreachable")
+
+    async def _watch_symbols(self) -> None:
+        while True:
+            await trio.sleep(self.settings.stall_timeout)
+            await self._check_silent_symbols()
+
+    async def _check_silent_symbols(self) -> None:
+        """Binance answers an unknown symbol with silence; ask the history API to tell apart."""
+        now = trio.current_time()
+        for (symbol, interval), guard in self.guards.items():
+            if symbol in self.valid_symbols or now - guard.seen < self.settings.stall_timeout:
+                continue
+            try:
+                await self.history.check_symbol(symbol, interval)
+            except HistoryError as exc:
+                if exc.invalid_symbol:
+                    raise FatalError(
+                        f"Binance does not know symbol {symbol} ({exc.msg})", exit_code=2
+                    ) from exc
+                log.warning("cannot check symbol %s: %s", symbol, exc)
+            except (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, OSError,
+                    trio.TooSlowError) as exc:  # fmt: skip
+                log.warning("cannot check symbol %s: %s", symbol, exc)
+            else:
+                self.valid_symbols.add(symbol)
 
     def skip(self, kind: str, detail: str) -> None:
         self.stats.malformed[kind] += 1
         self.bad.warning(kind, f"skipped a frame: {detail}")
 
 
-class Backoff:
-    """Capped exponential backoff with full jitter."""
-
-    def __init__(
-        self, base: float = 1.0, cap: float = 30.0, rng: Callable[[], float] = random.random
-    ):
-        self.base, self.cap, self.rng = base, cap, rng
-        self.attempt = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.base * 2.0**self.attempt) * self.rng()
-        self.attempt += 1
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
-async def read_binance(
-    settings: Settings,
-    candles: trio.MemorySendChannel[Candle],
-    stats: Stats,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Stream every configured kline stream over one connection into `candles`, reconnecting."""
-    names = list(settings.stream_names)
-    url = settings.binance_ws_url.rstrip("/").removesuffix("/ws").removesuffix("/stream")
-    url += stream_path(names)
-    publisher = Publisher(settings, candles, stats)
-    decoder = FrameDecoder(combined=len(names) > 1)
-    backoff = Backoff()
-    started = False
-    async with candles:
-        while True:
+def _retry_after(exc: trio_websocket.ConnectionRejected) -> float:
+    for name, value in exc.headers or ():
+        if name.lower() == b"retry-after":
             try:
-                async with trio_websocket.open_websocket_url(
-                    url,
-                    message_queue_size=64,
-                    max_message_size=HARD_FRAME_LIMIT,
-                    receive_buffer_size=64 * 1024,
-                    connect_timeout=10,
-                    disconnect_timeout=2,
-                ) as ws:
-                    log.info("connected to %s", url)
-                    if not started:
-                        task_status.started()
-                        started = True
-                    while True:
-                        frame = await ws.get_message()
-                        stats.frames_received += 1
-                        stats.last_frame_at = time.monotonic()
-                        backoff.reset()
-                        try:
-                            event = decoder.decode(frame)
-                        except BadFrame as bad:
-                            publisher.skip(bad.kind, str(bad))
-                            continue
-                        if isinstance(event, ServerShutdown):
-                            log.info("Binance announced a server shutdown")
-                            continue
-                        await publisher.kline(event)
-            except (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, OSError) as exc:
-                reason = type(exc).__name__
-                stats.reconnects[reason] += 1
-                delay = backoff.next()
-                log.warning("Binance connection lost (%s); reconnecting in %.1f s", exc, delay)
-                await trio.sleep(delay)
+                return float(value)
+            except ValueError:
+                return 0.0
+    return 0.0

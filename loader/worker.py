@@ -13,11 +13,13 @@ import time
 import trio
 
 from loader.control import watch_control
+from loader.errors import FatalError
 from loader.kafka import KafkaFailure, aclose, describe, open_producer
+from loader.resume import resume_points
 from loader.schema import Candle, Status
 from loader.settings import Settings
 from loader.sink import KafkaSink
-from loader.source import read_binance
+from loader.source import Source
 from loader.stats import Stats
 from loader.telemetry import Telemetry
 
@@ -32,14 +34,6 @@ class Outcome:
     message: str
     records_written: int
     exit_code: int
-
-
-class FatalError(Exception):
-    """Ends the run with `error`; `exit_code` 2 says retrying cannot help (bad config)."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 class Worker:
@@ -101,7 +95,9 @@ async def _run(
             async with trio.open_nursery() as nursery:
                 await nursery.start(sink.run, candles_out)
                 await nursery.start(watch_control, settings, worker.stop, worker.stats)
-                await nursery.start(read_binance, settings, candles_in, worker.stats)
+                resume = await trio.to_thread.run_sync(resume_points, settings)
+                source = Source(settings, candles_in, worker.stats, resume=resume)
+                await nursery.start(source.run)
                 await telemetry.send("started", f"started streaming {_streams(settings)}")
                 nursery.start_soon(telemetry.report_progress, worker.progress)
                 if settings.stop_at is not None:
