@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import msgspec
 import trio
-
 from kafka import KafkaConsumer, TopicPartition
+
 from loader.kafka import aclose, open_consumer
 from loader.logs import ThrottledLog
 from loader.schema import ControlCommand

@@ -6,8 +6,8 @@ import logging
 from typing import Any
 
 import trio
-
 from kafka import KafkaConsumer, KafkaProducer
+
 from loader.settings import KafkaSettings
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import msgspec
-
 from kafka import KafkaConsumer, TopicPartition
+
 from loader.kafka import CLOSE_TIMEOUT, open_consumer
 from loader.settings import Settings
 

@@ -109,6 +109,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Binance bans IPs above 300 connection attempts per 5 minutes; stay far below.
     connects_per_minute: int = 5
     metrics_port: int | None = None
+    # /healthz fails when no frame arrived, or Kafka acknowledged nothing pending, this long.
+    health_timeout: float = 60.0
     log_format: LogFormat = "auto"
 
     @property
@@ -288,6 +290,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "CONNECTS_PER_MINUTE", 5, _positive_int, "a positive whole number"
         ),
         metrics_port=r.parse("METRICS_PORT", None, _port, "a TCP port number"),
+        health_timeout=_seconds(r, "HEALTH_TIMEOUT", 60.0),
         log_format=log_format,
     )
     if r.problems:

@@ -12,15 +12,17 @@ import collections
 import logging
 import math
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 import trio
-
 from kafka import KafkaProducer
+
 from loader.kafka import KafkaFailure, describe
 from loader.schema import Candle
+from loader.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,13 @@ class DeliveryFailed(KafkaFailure):
 class Pending:
     """Records handed to kafka-python together; `done` is set once every one has settled."""
 
-    __slots__ = ("_lock", "_remaining", "_token", "count", "done", "error")
+    __slots__ = ("_lock", "_remaining", "_token", "count", "done", "error", "sent_at")
 
     def __init__(self, futures: Sequence[Any], token: trio.lowlevel.TrioToken) -> None:
         self._lock = threading.Lock()
         self._token = token
         self._remaining = self.count = len(futures)
+        self.sent_at = time.monotonic()
         self.error: BaseException | None = None
         self.done = trio.Event()
         if not futures:
@@ -62,11 +65,17 @@ class Pending:
 class KafkaSink:
     """Owns one producer; `run` is the sender task, `publish` sends one record and awaits it."""
 
-    def __init__(self, producer: KafkaProducer, topic: str) -> None:
+    def __init__(
+        self,
+        producer: KafkaProducer,
+        topic: str,
+        stats: Stats,
+        observe_latency: Callable[[float], object] = lambda _: None,
+    ) -> None:
         self.producer = producer
         self.topic = topic
-        self.records_written = 0
-        self.batches_sent = 0
+        self.stats = stats
+        self.observe_latency = observe_latency
         self._unacked: collections.deque[Pending] = collections.deque()
         self._encode = msgspec.json.Encoder().encode
 
@@ -123,7 +132,7 @@ class KafkaSink:
             raise DeliveryFailed(f"cannot hand candles to Kafka: {describe(exc)}") from exc
         pending = Pending(futures, token)
         self._unacked.append(pending)
-        self.batches_sent += 1
+        self.stats.candles_handed += pending.count
         return pending
 
     async def _settle_in_order(self, in_flight: trio.MemoryReceiveChannel[Pending]) -> None:
@@ -140,7 +149,14 @@ class KafkaSink:
             raise DeliveryFailed(
                 f"Kafka did not acknowledge candles for {self.topic}: {describe(pending.error)}"
             )
-        self.records_written += pending.count
+        self.stats.candles_acknowledged += pending.count
+        self.stats.last_ack_at = now = time.monotonic()
+        self.observe_latency(now - pending.sent_at)
+
+    @property
+    def records_written(self) -> int:
+        """Candles Kafka acknowledged: what telemetry reports."""
+        return self.stats.candles_acknowledged
 
 
 def _drain(channel: trio.MemoryReceiveChannel[Candle], limit: int) -> list[Candle]:

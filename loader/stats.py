@@ -17,11 +17,19 @@ class Stats:
     candles_received: int = 0
     candles_published: int = 0
     candles_backfilled: int = 0
+    # Handed is bumped only by the sending thread, acknowledged only by Trio: no shared write.
+    candles_handed: int = 0
+    candles_acknowledged: int = 0
+    last_ack_at: float = dataclasses.field(default_factory=time.monotonic)
     duplicates_dropped: int = 0
     malformed: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     reconnects: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     control_ignored: int = 0
     last_frame_at: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def unacknowledged(self) -> int:
+        return self.candles_handed - self.candles_acknowledged
 
     def frame_age(self) -> float:
         return time.monotonic() - self.last_frame_at

@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from functools import partial
 
 import trio
+from kafka import KafkaProducer
 
 from loader.control import watch_control
 from loader.errors import FatalError
 from loader.kafka import KafkaFailure, aclose, describe, open_producer
+from loader.metrics import Metrics, serve_metrics
 from loader.resume import resume_points
 from loader.schema import Candle, Status
 from loader.settings import Settings
@@ -39,10 +42,11 @@ class Outcome:
 class Worker:
     """Handle to a running worker: its counters, and `stop()`."""
 
-    def __init__(self, settings: Settings, sink: KafkaSink) -> None:
+    def __init__(self, settings: Settings, sink: KafkaSink, metrics: Metrics) -> None:
         self.settings = settings
         self.sink = sink
-        self.stats = Stats()
+        self.stats = sink.stats
+        self.metrics = metrics
         self.scope = trio.CancelScope()
         self.stopped: tuple[Status, str] | None = None
 
@@ -76,23 +80,30 @@ async def run(
     except KafkaFailure as exc:
         log.error("%s", exc)
         return Outcome("error", str(exc), 0, 1)
-    sink = KafkaSink(producer, settings.kafka_topic)
     try:
-        return await _run(settings, sink, task_status)
+        return await _run(settings, producer, task_status)
     finally:
         await aclose(producer)
 
 
 async def _run(
-    settings: Settings, sink: KafkaSink, task_status: trio.TaskStatus[Worker]
+    settings: Settings, producer: KafkaProducer, task_status: trio.TaskStatus[Worker]
 ) -> Outcome:
-    worker = Worker(settings, sink)
-    telemetry = Telemetry(settings, sink)
     candles_in, candles_out = trio.open_memory_channel[Candle](settings.channel_size)
+    stats = Stats()
+    metrics = Metrics(stats, lambda: candles_out.statistics().current_buffer_used)
+    sink = KafkaSink(producer, settings.kafka_topic, stats, metrics.delivery_latency.observe)
+    worker = Worker(settings, sink, metrics)
+    telemetry = Telemetry(settings, sink)
     failure: BaseException | None = None
     try:
         with worker.scope:
             async with trio.open_nursery() as nursery:
+                if settings.metrics_port is not None:
+                    await nursery.start(
+                        partial(serve_metrics, metrics, settings.metrics_port,
+                                health_timeout=settings.health_timeout)
+                    )  # fmt: skip
                 await nursery.start(sink.run, candles_out)
                 await nursery.start(watch_control, settings, worker.stop, worker.stats)
                 resume = await trio.to_thread.run_sync(resume_points, settings)
