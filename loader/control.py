@@ -56,10 +56,17 @@ async def watch_control(
     try:
         since_ms = int((time.time() - settings.control_lookback) * 1000)
         topic = settings.queue_control_topic
-        while not await trio.to_thread.run_sync(_assign, consumer, topic, since_ms):
-            bad.warning("control_topic", f"topic {topic!r} has no partitions yet; waiting")
-            await trio.sleep(TOPIC_RETRY)
-        task_status.started()
+        # Readiness waits for the positioning when the topic exists; when it does not yet, a
+        # stop published later is still read, from the lookback, once it appears.
+        if await trio.to_thread.run_sync(_assign, consumer, topic, since_ms):
+            task_status.started()
+        else:
+            task_status.started()
+            log.warning("control topic %r does not exist yet; watching for it", topic)
+            while True:
+                await trio.sleep(TOPIC_RETRY)
+                if await trio.to_thread.run_sync(_assign, consumer, topic, since_ms):
+                    break
         while True:
             batches = await trio.to_thread.run_sync(lambda: consumer.poll(timeout_ms=POLL_MS))
             for records in batches.values():
