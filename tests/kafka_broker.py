@@ -1,0 +1,215 @@
+"""The Kafka broker that tests run against, and helpers to use it with kafka-python.
+
+The session fixture ``kafka`` (tests/conftest.py) hands tests a ``KafkaBroker``:
+
+* an external broker when ``LOADER_TEST_KAFKA_BOOTSTRAP`` is set, described by
+  ``LOADER_TEST_KAFKA_SASL_SSL_BOOTSTRAP``, ``LOADER_TEST_KAFKA_USERNAME``,
+  ``LOADER_TEST_KAFKA_PASSWORD`` and ``LOADER_TEST_KAFKA_CA_PATH`` (all five
+  required; ``python3 kafka/broker.py env`` prints them for the local broker).
+  The tests never start or stop it.
+* otherwise the local broker of ``kafka/broker.py``: started by ``up`` (a no-op
+  when it already runs), and stopped at the end of the session only if this
+  session was the one that started it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BROKER_SCRIPT = REPO_ROOT / "kafka" / "broker.py"
+
+Listener = Literal["plaintext", "sasl_ssl"]
+LISTENERS: tuple[Listener, ...] = ("plaintext", "sasl_ssl")
+
+ENV_PLAINTEXT = "LOADER_TEST_KAFKA_BOOTSTRAP"
+ENV_SASL_SSL = "LOADER_TEST_KAFKA_SASL_SSL_BOOTSTRAP"
+ENV_USERNAME = "LOADER_TEST_KAFKA_USERNAME"
+ENV_PASSWORD = "LOADER_TEST_KAFKA_PASSWORD"
+ENV_CA_PATH = "LOADER_TEST_KAFKA_CA_PATH"
+ENV_NAMES = (ENV_PLAINTEXT, ENV_SASL_SSL, ENV_USERNAME, ENV_PASSWORD, ENV_CA_PATH)
+
+SASL_MECHANISM = "SCRAM-SHA-512"
+_TOPIC_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class KafkaBroker:
+    """Where the test broker listens and how to log in to it."""
+
+    plaintext: str
+    """Bootstrap address of the PLAINTEXT listener, e.g. "127.0.0.1:19092"."""
+    sasl_ssl: str
+    """Bootstrap address of the SASL_SSL (SCRAM-SHA-512) listener, e.g. "127.0.0.1:19093"."""
+    username: str
+    password: str = field(repr=False)
+    ca_path: str
+    """PEM file of the CA that signed the SASL_SSL listener's certificate."""
+
+    def bootstrap(self, listener: Listener) -> str:
+        return self.plaintext if listener == "plaintext" else self.sasl_ssl
+
+    def client_config(self, listener: Listener = "plaintext") -> dict[str, Any]:
+        """Connection settings for any kafka-python client (producer, consumer, admin)."""
+        if listener == "plaintext":
+            return {"bootstrap_servers": self.plaintext, "security_protocol": "PLAINTEXT"}
+        return {
+            "bootstrap_servers": self.sasl_ssl,
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": SASL_MECHANISM,
+            "sasl_plain_username": self.username,
+            "sasl_plain_password": self.password,
+            "ssl_cafile": self.ca_path,
+            "ssl_check_hostname": True,
+        }
+
+    def producer_config(self, listener: Listener = "plaintext") -> dict[str, Any]:
+        """KafkaProducer settings: the connection, acks=all and idempotence."""
+        return {**self.client_config(listener), "acks": "all", "enable_idempotence": True}
+
+    def consumer_config(self, listener: Listener = "plaintext") -> dict[str, Any]:
+        """KafkaConsumer settings: the connection, from the earliest offset, no auto-commit."""
+        return {
+            **self.client_config(listener),
+            "auto_offset_reset": "earliest",
+            "enable_auto_commit": False,
+        }
+
+    def new_topic(self, prefix: str, partitions: int = 1) -> str:
+        """Create a topic named after prefix plus a unique suffix; return once it has leaders.
+
+        The replication factor is the broker's default (1 on the local broker).
+        """
+        safe = _TOPIC_UNSAFE.sub("-", prefix).strip("-.") or "test"
+        name = f"{safe[:200]}-{uuid.uuid4().hex[:12]}"
+        admin = KafkaAdminClient(**self.client_config("plaintext"))
+        try:
+            admin.create_topics({name: {"num_partitions": partitions}}, wait_for_metadata=True)
+        finally:
+            admin.close()
+        return name
+
+    def read_all(
+        self,
+        topic: str,
+        *,
+        expected: int | None = None,
+        timeout: float = 30.0,
+        listener: Listener = "plaintext",
+    ) -> list[ConsumerRecord]:
+        """Every record of topic, ordered by (partition, offset); no consumer group.
+
+        With expected=None: the records up to the end offsets at the time of the
+        call. With expected=N: poll until at least N records arrived, then read on
+        to the end offsets of that moment, so that surplus records (duplicates)
+        are returned too. Raises TimeoutError when that takes longer than timeout.
+        """
+        deadline = time.monotonic() + timeout
+        consumer = KafkaConsumer(**{**self.consumer_config(listener), "group_id": None})
+        try:
+            partitions = _partitions(consumer, topic, deadline)
+            assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
+            consumer.assign(assigned)
+            consumer.seek_to_beginning(*assigned)
+            ends: dict[Any, int] | None = None
+            if expected is None:
+                ends = consumer.end_offsets(assigned)
+            records: list[ConsumerRecord] = []
+            while True:
+                if ends is None and expected is not None and len(records) >= expected:
+                    ends = consumer.end_offsets(assigned)
+                if ends is not None and all(consumer.position(tp) >= ends[tp] for tp in assigned):
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    wanted = f"{expected} expected" if expected is not None else f"ends {ends}"
+                    raise TimeoutError(
+                        f"read {len(records)} records from {topic!r} in {timeout}s ({wanted})"
+                    )
+                batches = consumer.poll(timeout_ms=int(min(remaining, 0.5) * 1000) + 1)
+                for batch in batches.values():
+                    records.extend(batch)
+        finally:
+            consumer.close()
+        return sorted(records, key=lambda record: (record.partition, record.offset))
+
+
+def _partitions(consumer: Any, topic: str, deadline: float) -> set[int]:
+    while True:
+        partitions: set[int] = consumer.partitions_for_topic(topic)
+        if partitions:
+            return partitions
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"topic {topic!r} is unknown to the broker")
+        time.sleep(0.1)  # polling metadata, with a deadline
+
+
+# --------------------------------------------------------------------------- which broker
+
+
+def broker_from_env(environ: Mapping[str, str]) -> KafkaBroker | None:
+    """The external broker named by LOADER_TEST_KAFKA_*, or None when none is named."""
+    if not environ.get(ENV_PLAINTEXT):
+        return None
+    missing = [name for name in ENV_NAMES if not environ.get(name)]
+    if missing:
+        raise RuntimeError(
+            f"{ENV_PLAINTEXT} names an external Kafka broker, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set; set all of {', '.join(ENV_NAMES)} "
+            f"(`python3 kafka/broker.py env` prints them for the local broker)"
+        )
+    return KafkaBroker(
+        plaintext=environ[ENV_PLAINTEXT],
+        sasl_ssl=environ[ENV_SASL_SSL],
+        username=environ[ENV_USERNAME],
+        password=environ[ENV_PASSWORD],
+        ca_path=environ[ENV_CA_PATH],
+    )
+
+
+def run_broker_script(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run kafka/broker.py with this interpreter (it needs nothing but the stdlib)."""
+    result = subprocess.run(
+        [sys.executable, str(BROKER_SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO_ROOT,
+    )
+    if check and result.returncode != 0:
+        raise RuntimeError(
+            f"kafka/broker.py {' '.join(args)} failed ({result.returncode}):\n"
+            f"{result.stdout}{result.stderr}"
+        )
+    return result
+
+
+def local_broker_running() -> bool:
+    """Whether the local broker's JVM runs (ready or still starting)."""
+    status = run_broker_script("status", "--json", check=False)
+    return status.returncode != 3
+
+
+def start_local_broker() -> KafkaBroker:
+    """`broker.py up` (idempotent), then the broker that `broker.py env` describes."""
+    run_broker_script("up")
+    env = json.loads(run_broker_script("env", "--json").stdout)
+    broker = broker_from_env(env)
+    assert broker is not None
+    return broker
+
+
+def stop_local_broker() -> None:
+    run_broker_script("down")
