@@ -95,3 +95,29 @@ lint-deploy: sync
         --framework kubernetes --directory "$rendered/overlays" \
         --skip-download --compact --quiet
     step "checkov {{ checkov_version }}"
+
+# Start the local Kafka broker (fetches its jars once; harmless when running).
+kafka-up:
+    python3 kafka/broker.py up
+
+# Stop the local Kafka broker.
+kafka-down:
+    python3 kafka/broker.py down
+
+# Stop the local Kafka broker and delete its data and logs (keeps jars, certs, password).
+kafka-wipe:
+    python3 kafka/broker.py wipe
+
+# Show whether the local Kafka broker runs and both its listeners answer.
+kafka-status:
+    python3 kafka/broker.py status
+
+# Print export lines for the local Kafka broker: eval "$(just kafka-env)".
+kafka-env:
+    @python3 kafka/broker.py env
+
+# Run the tests (args go to pytest) against the local Kafka broker, started if needed.
+[positional-arguments]
+test *args: sync
+    [[ -n "${LOADER_TEST_KAFKA_BOOTSTRAP:-}" ]] || python3 kafka/broker.py up
+    uv run pytest "$@"
