@@ -1,0 +1,363 @@
+"""Who sends which kline frame when: the market clock, and the benchmark firehose.
+
+Both publishers keep the subscriptions (series -> connections), encode each frame once and
+hand the framed bytes to every subscriber. They also answer "what has the market published"
+(closed candles and the one in progress), which the history method and the test helpers use,
+so the stream, the history and the ground truth cannot disagree.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+import trio.lowlevel
+
+from loader.testing import intervals as iv
+from loader.testing import wire
+from loader.testing.market import Market
+from loader.testing.streams import StreamKey, stream_name
+
+__all__ = [
+    "ClockPublisher",
+    "FirehoseConfig",
+    "FirehosePublisher",
+    "MarketClock",
+    "Publisher",
+    "Signal",
+    "Subscriber",
+]
+
+
+class Signal:
+    """A broadcast "something changed": waiters re-check their condition after each notify."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def notify(self) -> None:
+        """Wake every current waiter."""
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        """Sleep until the next :meth:`notify`."""
+        await self._event.wait()
+
+
+class Subscriber(Protocol):
+    """A connection as the publishers see it."""
+
+    combined: bool
+
+    def push_kline(self, raw: bytes, wrapped: bytes) -> None:
+        """Queue one framed kline; ``wrapped`` is the combined-stream form (may be empty)."""
+        ...
+
+    def buffered(self) -> int:
+        """Bytes queued and not yet written to the socket."""
+        ...
+
+    async def wait_buffered_below(self, limit: int) -> None:
+        """Return once fewer than ``limit`` bytes are queued (or the connection is gone)."""
+        ...
+
+
+class MarketClock:
+    """Market time: ``start_ms`` at creation, then ``speed`` market ms per real ms."""
+
+    def __init__(self, start_ms: int, speed: float) -> None:
+        if speed <= 0:
+            raise ValueError("speed must be positive")
+        self.start_ms = start_ms
+        self.speed = speed
+        self._t0 = trio.current_time()
+
+    def now_ms(self) -> int:
+        """The current market time, epoch ms."""
+        return self.start_ms + int((trio.current_time() - self._t0) * 1000.0 * self.speed)
+
+    def deadline(self, market_ms: int) -> float:
+        """The Trio clock time at which the market reaches ``market_ms``."""
+        return self._t0 + (market_ms - self.start_ms) / (1000.0 * self.speed)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FirehoseConfig:
+    """A paced flood of kline frames for benchmarks, instead of the market clock.
+
+    Each subscribed series advances one frame at a time, round-robin over all subscribed
+    series, at ``rate`` frames per second in total (counting one frame per subscriber), or
+    as fast as the clients read when ``rate`` is ``None``. Each candle takes
+    ``round(1 / close_ratio)`` frames: with ``close_ratio=1.0`` every frame is a closing
+    (``"x": true``) frame of a new candle, with ``0.25`` three updates precede each close.
+
+    In this mode ``"E"`` is the wall-clock time (``time.time_ns() // 1_000_000``) at which
+    the frame was built, so a consumer can compute freshness end to end; candle times still
+    come from the deterministic market, advancing far faster than real time. With
+    ``record_send_times`` the emulator also keeps, for each closing frame, the
+    ``time.time_ns()`` at which it was queued, keyed by ``(stream name, candle open time)``.
+    """
+
+    rate: float | None = None
+    close_ratio: float = 1.0
+    record_send_times: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.close_ratio <= 1:
+            raise ValueError("close_ratio must be in (0, 1]")
+        if self.rate is not None and self.rate <= 0:
+            raise ValueError("rate must be positive or None")
+
+
+class _Publisher:
+    def __init__(self, market: Market) -> None:
+        self.market = market
+        self.subs: dict[StreamKey, dict[Subscriber, None]] = {}
+        self.subscriptions_changed = Signal()
+        self.progress = Signal()
+
+    def add(self, key: StreamKey, conn: Subscriber) -> None:
+        """Start sending ``key``'s frames to ``conn``."""
+        self.subs.setdefault(key, {})[conn] = None
+        self.subscriptions_changed.notify()
+
+    def remove(self, key: StreamKey, conn: Subscriber) -> None:
+        """Stop sending ``key``'s frames to ``conn``."""
+        conns = self.subs.get(key)
+        if conns is not None:
+            conns.pop(conn, None)
+            if not conns:
+                del self.subs[key]
+            self.subscriptions_changed.notify()
+
+    def _fan_out(self, key: StreamKey, raw: bytes, conns: dict[Subscriber, None]) -> None:
+        framed = wire.text_frame(raw)
+        wrapped = b""
+        for conn in conns:
+            if conn.combined and not wrapped:
+                wrapped = wire.text_frame(wire.combined(stream_name(key), raw))
+            conn.push_kline(framed, wrapped)
+
+
+class Publisher(Protocol):
+    """What both publishers offer to connections, the history method and the handle."""
+
+    market: Market
+    progress: Signal
+
+    def add(self, key: StreamKey, conn: Subscriber) -> None: ...
+
+    def remove(self, key: StreamKey, conn: Subscriber) -> None: ...
+
+    def closed_count(self, key: StreamKey) -> int:
+        """How many candles of ``key``, from candle 0, have been published closed."""
+        ...
+
+    def in_progress(self, key: StreamKey) -> tuple[int, int] | None:
+        """``(index, ms of trading shown)`` of the published open candle, if any."""
+        ...
+
+    async def wait_closed(self, key: StreamKey, count: int) -> None:
+        """Return once ``count`` candles of ``key`` are closed and their frames queued."""
+        ...
+
+    def now_ms(self) -> int:
+        """The time to put in events that are not klines (``serverShutdown`` etc.)."""
+        ...
+
+    async def run(self) -> None:
+        """Publish until cancelled."""
+        ...
+
+
+class ClockPublisher(_Publisher):
+    """Publishes on the market clock, as Binance does.
+
+    For a candle of a series with update period ``P`` (1000 ms for ``1s``, else 2000 ms) the
+    state "as of" each market instant ``a`` that is a multiple of ``P`` is sent at
+    ``a + close_lag_ms``, with that as ``"E"``. When ``a`` is a candle boundary the frame is
+    the closing (``"x": true``) frame of the candle that just ended; otherwise it is an
+    update of the current candle (so ``1s`` series only ever send closing frames, and a
+    ``1m`` candle gets 29 updates and one close).
+    """
+
+    def __init__(self, market: Market, clock: MarketClock, close_lag_ms: int) -> None:
+        super().__init__(market)
+        self.clock = clock
+        self.lag = close_lag_ms
+        self._cursor = self._as_of(1000)
+
+    def now_ms(self) -> int:
+        return self.clock.now_ms()
+
+    def _as_of(self, period: int) -> int:
+        return (self.clock.now_ms() - self.lag) // period * period
+
+    def closed_count(self, key: StreamKey) -> int:
+        a = self._as_of(iv.update_period_ms(key[1]))
+        return max(0, self.market.index_at(key[1], a))
+
+    def in_progress(self, key: StreamKey) -> tuple[int, int] | None:
+        interval = key[1]
+        a = self._as_of(iv.update_period_ms(interval))
+        index = self.market.index_at(interval, a)
+        if index < 0:
+            return None
+        return index, a - self.market.open_time(interval, index)
+
+    async def wait_closed(self, key: StreamKey, count: int) -> None:
+        closes_at = self.market.open_time(key[1], count)
+        await trio.sleep_until(self.clock.deadline(closes_at + self.lag))
+        while self._cursor < closes_at and key in self.subs:
+            await self.progress.wait()
+
+    async def run(self) -> None:
+        while True:
+            if not self.subs:
+                self._cursor = self._as_of(1000)
+                self.progress.notify()
+                await self.subscriptions_changed.wait()
+                # Nobody missed the instants that passed while idle.
+                self._cursor = self._as_of(1000)
+                continue
+            step = 1000 if any(k[1] == "1s" for k in self.subs) else 2000
+            nxt = (self._cursor // step + 1) * step
+            with trio.move_on_at(self.clock.deadline(nxt + self.lag)) as scope:
+                await self.subscriptions_changed.wait()
+            if not scope.cancelled_caught:
+                continue  # the subscriptions changed: the cadence may have too
+            # The deadline has passed, so ``nxt`` is due even if float rounding says not.
+            upto = max(self._as_of(1000), nxt)
+            for done, a in enumerate(range(nxt, upto + 1, 1000), start=1):
+                self._publish(a)
+                self._cursor = a
+                if done % 64 == 0:
+                    # Catching up after a hiccup or at very high speed: let others run.
+                    self.progress.notify()
+                    await trio.lowlevel.checkpoint()
+            self.progress.notify()
+
+    def _publish(self, a: int) -> None:
+        market = self.market
+        event_time = a + self.lag
+        for key, conns in list(self.subs.items()):
+            symbol, interval = key
+            if interval != "1s" and a % 2000:
+                continue
+            index = market.index_at(interval, a)
+            opened = market.open_time(interval, index)
+            if a == opened:
+                if index <= 0:
+                    continue  # the candle before the market opened does not exist
+                kline = market.kline(symbol, interval, index - 1)
+            else:
+                if index < 0:
+                    continue
+                kline = market.kline(symbol, interval, index, a - opened)
+            self._fan_out(key, wire.kline_payload(event_time, kline), conns)
+
+
+class FirehosePublisher(_Publisher):
+    """Publishes as a paced flood for benchmarks; see :class:`FirehoseConfig`."""
+
+    _BATCH = 256
+    _HIGH_WATER = 256 * 1024
+
+    def __init__(self, market: Market, config: FirehoseConfig) -> None:
+        super().__init__(market)
+        self.config = config
+        self.frames_per_candle = max(1, round(1 / config.close_ratio))
+        self.steps: dict[StreamKey, int] = {}
+        self.send_times: dict[tuple[str, int], int] = {}
+        self.frames_sent = 0
+        self._rate = config.rate
+        self._t0 = trio.current_time()
+        self._paced = 0
+        self._rr = 0
+
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+    def set_rate(self, rate: float | None) -> None:
+        """Change the total rate (frames per second; ``None``: as fast as possible)."""
+        if rate is not None and rate <= 0:
+            raise ValueError("rate must be positive or None")
+        self._rate = rate
+        self._t0 = trio.current_time()
+        self._paced = 0
+
+    def closed_count(self, key: StreamKey) -> int:
+        return self.steps.get(key, 0) // self.frames_per_candle
+
+    def in_progress(self, key: StreamKey) -> tuple[int, int] | None:
+        index, j = divmod(self.steps.get(key, 0), self.frames_per_candle)
+        if j == 0:
+            return None
+        opened = self.market.open_time(key[1], index)
+        length = iv.next_open(key[1], opened) - opened
+        return index, length * j // self.frames_per_candle
+
+    async def wait_closed(self, key: StreamKey, count: int) -> None:
+        while self.closed_count(key) < count:
+            await self.progress.wait()
+
+    async def run(self) -> None:
+        while True:
+            if not self.subs:
+                await self.subscriptions_changed.wait()
+                continue
+            budget = self._BATCH
+            rate = self._rate
+            if rate is not None:
+                now = trio.current_time()
+                allowed = int((now - self._t0) * rate) - self._paced
+                if allowed <= 0:
+                    await trio.sleep_until(self._t0 + (self._paced + 1) / rate)
+                    continue
+                if allowed > rate / 4 + self._BATCH:
+                    # Fell far behind (a slow reader): don't make up for it in one burst.
+                    self._t0 = now - self._paced / rate
+                    allowed = self._BATCH
+                budget = min(allowed, 4 * self._BATCH)
+            touched = self._emit(budget)
+            self._paced += budget
+            self.progress.notify()
+            for conn in touched:
+                if conn.buffered() > self._HIGH_WATER:
+                    await conn.wait_buffered_below(self._HIGH_WATER)
+            await trio.lowlevel.checkpoint()
+
+    def _emit(self, budget: int) -> list[Subscriber]:
+        market = self.market
+        per_candle = self.frames_per_candle
+        record = self.config.record_send_times
+        keys = list(self.subs)
+        touched: dict[Subscriber, None] = {}
+        delivered = 0
+        while delivered < budget:
+            key = keys[self._rr % len(keys)]
+            self._rr += 1
+            conns = self.subs.get(key)
+            if not conns:
+                continue
+            symbol, interval = key
+            step = self.steps.get(key, 0)
+            self.steps[key] = step + 1
+            index, j = divmod(step, per_candle)
+            if j + 1 == per_candle:
+                kline = market.kline(symbol, interval, index)
+            else:
+                opened = market.open_time(interval, index)
+                length = iv.next_open(interval, opened) - opened
+                kline = market.kline(symbol, interval, index, length * (j + 1) // per_candle)
+            sent_ns = time.time_ns()
+            self._fan_out(key, wire.kline_payload(sent_ns // 1_000_000, kline), conns)
+            if record and kline.closed:
+                self.send_times[(stream_name(key), kline.open_time)] = sent_ns
+            delivered += len(conns)
+            touched.update(conns)
+        self.frames_sent += delivered
+        return list(touched)
