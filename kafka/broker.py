@@ -169,6 +169,7 @@ def fetch_jars(layout: Layout) -> None:
     if mvn is None:
         raise BrokerError("Maven (`mvn`) is needed once to fetch the Kafka jars; install it")
     log(f"fetching the Kafka jars of {POM.relative_to(REPO_ROOT)} with Maven")
+    began = time.monotonic()
     shutil.rmtree(layout.libs, ignore_errors=True)
     staging = layout.home / "libs.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -188,7 +189,8 @@ def fetch_jars(layout: Layout) -> None:
         raise BrokerError(f"Maven failed ({result.returncode}) fetching the Kafka jars")
     (staging / layout.libs_stamp.name).write_text(pom_digest() + "\n")
     staging.rename(layout.libs)
-    log(f"{len(list(layout.libs.glob('*.jar')))} jars in {layout.libs}")
+    jars = len(list(layout.libs.glob("*.jar")))
+    log(f"{jars} jars in {layout.libs} ({time.monotonic() - began:.1f}s)")
 
 
 def java_command() -> str:

@@ -27,7 +27,7 @@ from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
 from kafka.errors import KafkaTimeoutError
 from kafka_broker import BROKER_SCRIPT, LISTENERS, KafkaBroker, Listener
 
-BOOTSTRAP_TIMEOUT_MS = 4000
+BOOTSTRAP_TIMEOUT_MS = 2500
 # kafka-python's (logged) reason for giving up on a bootstrap connection.
 BOOTSTRAP_FAILURE = "Bootstrap connection to bootstrap-0 failed: "
 SASL_FAILED = "[Error 58] SaslAuthenticationFailedError"
@@ -139,7 +139,7 @@ def test_read_all_reads_to_the_end_without_expected(kafka: KafkaBroker) -> None:
         producer.close(timeout=10)
     assert [r.value for r in kafka.read_all(topic)] == [b"0", b"1", b"2", b"3", b"4"]
     with pytest.raises(TimeoutError, match=r"read 5 records .* \(6 expected\)"):
-        kafka.read_all(topic, expected=6, timeout=2)
+        kafka.read_all(topic, expected=6, timeout=1)
 
 
 def test_new_topic_names_are_unique_and_safe(kafka: KafkaBroker) -> None:
