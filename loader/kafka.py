@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import trio
@@ -46,12 +49,52 @@ def describe(exc: BaseException) -> str:
     """kafka-python's exceptions often stringify to their bare class name; say more."""
     text = str(exc)
     name = type(exc).__name__
-    return f"{name}: {text}" if text and text != name else name
+    if not text or text == name:
+        return name
+    return text if text.startswith(name) else f"{name}: {text}"
+
+
+class _Causes(logging.Handler):
+    """kafka-python logs why a bootstrap failed (bad password, unknown CA) but raises only a
+    timeout; its last words on the matter make the error say why."""
+
+    # Most telling first: a refused login or certificate beats a plain connection failure.
+    MARKERS = ("Authentication", "SSL", "Handshake", "refused", "Connection failed")
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: collections.deque[str] = collections.deque(maxlen=50)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def explain(self) -> str:
+        for marker in self.MARKERS:
+            for message in reversed(self.messages):
+                if marker in message:
+                    return f" (kafka-python reported: {message})"
+        return ""
+
+
+@contextlib.contextmanager
+def _failure_cause(what: str, kafka: KafkaSettings) -> Iterator[None]:
+    causes = _Causes()
+    logger = logging.getLogger("kafka")
+    logger.addHandler(causes)
+    try:
+        yield
+    except Exception as exc:
+        raise KafkaFailure(
+            f"cannot open a Kafka {what} to {kafka.bootstrap_servers} "
+            f"({kafka.security_protocol}): {describe(exc)}{causes.explain()}"
+        ) from exc
+    finally:
+        logger.removeHandler(causes)
 
 
 def open_producer(kafka: KafkaSettings, *, delivery_timeout: float) -> KafkaProducer:
     """Blocking: connects (bootstrap) so a wrong address or password fails here, clearly."""
-    try:
+    with _failure_cause("producer", kafka):
         return KafkaProducer(
             **client_config(kafka, timeout=min(delivery_timeout, 60.0)),
             acks="all",
@@ -65,25 +108,17 @@ def open_producer(kafka: KafkaSettings, *, delivery_timeout: float) -> KafkaProd
             # Sensor bookkeeping costs several microseconds per record; Prometheus covers it.
             metrics_enabled=False,
         )
-    except Exception as exc:
-        raise KafkaFailure(
-            f"cannot open a Kafka producer to {kafka.bootstrap_servers}: {describe(exc)}"
-        ) from exc
 
 
 def open_consumer(kafka: KafkaSettings, *, timeout: float) -> KafkaConsumer:
     """A group-less consumer: the Job is stateless and commits nothing."""
-    try:
+    with _failure_cause("consumer", kafka):
         return KafkaConsumer(
             **client_config(kafka, timeout=timeout),
             group_id=None,
             enable_auto_commit=False,
             metrics_enabled=False,
         )
-    except Exception as exc:
-        raise KafkaFailure(
-            f"cannot open a Kafka consumer to {kafka.bootstrap_servers}: {describe(exc)}"
-        ) from exc
 
 
 async def aclose(client: KafkaProducer | KafkaConsumer) -> None:

@@ -50,8 +50,12 @@ def configure(log_format: LogFormat, context: dict[str, str], level: int = loggi
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # kafka-python logs every reconnect attempt at WARNING/ERROR; our own messages say it once.
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    # kafka-python logs every retry at WARNING/ERROR; our own messages say it once, quoting
+    # its last words on failure (loader.kafka), so its records stop at its own logger.
+    kafka = logging.getLogger("kafka")
+    kafka.setLevel(logging.WARNING)
+    kafka.propagate = False
+    kafka.handlers[:] = [logging.NullHandler()]
     logging.getLogger("trio-websocket").setLevel(logging.WARNING)
 
 
