@@ -6,14 +6,18 @@ configuration (retrying cannot help), 128+signal when stopped by SIGTERM (143) o
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 
 import trio
 
 from loader import logs
+from loader.errors import FatalError
 from loader.settings import ConfigError, Settings, load_settings
 from loader.worker import Outcome, Worker, run
+
+log = logging.getLogger("loader")
 
 
 class _Ready:
@@ -46,7 +50,11 @@ async def serve(settings: Settings) -> int:
 
             async def main() -> None:
                 nonlocal outcome
-                outcome = await run(settings, task_status=ready)
+                try:
+                    outcome = await run(settings, task_status=ready)
+                except FatalError as exc:
+                    log.error("could not start: %s", exc)
+                    outcome = Outcome("error", str(exc), 0, exc.exit_code)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(forward_signals)

@@ -61,6 +61,9 @@ class _StatsCollector(Collector):
         yield _counter(
             "duplicates_dropped", "Repeated or stale klines dropped.", s.duplicates_dropped
         )
+        yield _counter(
+            "updates_shed", "In-progress updates shed under backpressure.", s.updates_shed
+        )
         malformed = CounterMetricFamily(
             "loader_malformed_frames", "Frames skipped, by kind.", labels=["kind"]
         )

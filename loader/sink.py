@@ -76,6 +76,7 @@ class KafkaSink:
         self.topic = topic
         self.stats = stats
         self.observe_latency = observe_latency
+        self._acknowledged = trio.Event()
         self._unacked: collections.deque[Pending] = collections.deque()
         self._encode = msgspec.json.Encoder().encode
 
@@ -152,6 +153,13 @@ class KafkaSink:
         self.stats.candles_acknowledged += pending.count
         self.stats.last_ack_at = now = time.monotonic()
         self.observe_latency(now - pending.sent_at)
+        self._acknowledged.set()
+        self._acknowledged = trio.Event()
+
+    async def wait_written(self, count: int) -> None:
+        """Return once Kafka acknowledged at least `count` candles."""
+        while self.records_written < count:
+            await self._acknowledged.wait()
 
     @property
     def records_written(self) -> int:

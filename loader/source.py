@@ -220,7 +220,8 @@ class Source:
         conn: Connection,
         events: trio.MemorySendChannel[tuple[Connection, Event]],
     ) -> None:
-        decode, stats = self.decoder.decode, self.stats
+        decode, stats, guards = self.decoder.decode, self.stats, self.guards
+        all_candles = self.settings.all_candles
         while True:
             conn.reading, conn.idle_since = True, trio.current_time()
             frame = await ws.get_message()
@@ -235,6 +236,20 @@ class Source:
             if not conn.first_frame.is_set():
                 conn.first_frame.set()
                 self.backoff.reset()
+            if isinstance(event, KlineEvent) and not event.kline.is_closed:
+                k = event.kline
+                guard = guards.get((k.symbol, k.interval))
+                if guard is not None:
+                    guard.seen = conn.idle_since
+                if not all_candles:
+                    continue
+                # An update is superseded by the next one: under backpressure it is shed, so
+                # this loop keeps reading and trio-websocket keeps answering pings.
+                try:
+                    events.send_nowait((conn, event))
+                except trio.WouldBlock:
+                    stats.updates_shed += 1
+                continue
             await events.send((conn, event))
 
     async def _watch(self, conn: Connection) -> None:

@@ -22,6 +22,8 @@ class Stats:
     candles_acknowledged: int = 0
     last_ack_at: float = dataclasses.field(default_factory=time.monotonic)
     duplicates_dropped: int = 0
+    # In-progress updates not published because the pipeline was full (CANDLES=all).
+    updates_shed: int = 0
     malformed: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     reconnects: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     control_ignored: int = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 
 import trio
@@ -49,6 +50,8 @@ class Worker:
         self.metrics = metrics
         self.scope = trio.CancelScope()
         self.stopped: tuple[Status, str] | None = None
+        self.outcome: Outcome | None = None
+        self._done = trio.Event()
 
     @property
     def records_written(self) -> int:
@@ -59,6 +62,16 @@ class Worker:
         if self.stopped is None:
             self.stopped = (status, reason)
         self.scope.cancel()
+
+    async def wait_written(self, count: int) -> None:
+        """Return once Kafka acknowledged at least `count` candles."""
+        await self.sink.wait_written(count)
+
+    async def finished(self) -> Outcome:
+        """Wait until the run has ended (telemetry sent, Kafka closed) and say how."""
+        await self._done.wait()
+        assert self.outcome is not None
+        return self.outcome
 
     def progress(self) -> str:
         return (
@@ -72,22 +85,38 @@ async def run(
     *,
     task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED,
 ) -> Outcome:
-    """Run until stopped, `STOP_AT`, or a fatal error; return how it ended."""
+    """Run until stopped, `STOP_AT`, or a fatal error; return how it ended.
+
+    A run that fails before it is ready (Kafka unreachable, credentials refused) raises
+    `FatalError` instead: there is no worker to hand out. Its `error` telemetry was sent if
+    Kafka could be reached.
+    """
     try:
         producer = await trio.to_thread.run_sync(
             lambda: open_producer(settings.kafka, delivery_timeout=settings.delivery_timeout)
         )
     except KafkaFailure as exc:
-        log.error("%s", exc)
-        return Outcome("error", str(exc), 0, 1)
+        raise FatalError(str(exc)) from exc
+    worker: Worker | None = None
+
+    def started(value: Worker) -> None:
+        nonlocal worker
+        worker = value
+        task_status.started(value)
+
     try:
-        return await _run(settings, producer, task_status)
+        outcome = await _run(settings, producer, started)
     finally:
         await aclose(producer)
+    if worker is None:
+        raise FatalError(outcome.message, outcome.exit_code)
+    worker.outcome = outcome
+    worker._done.set()
+    return outcome
 
 
 async def _run(
-    settings: Settings, producer: KafkaProducer, task_status: trio.TaskStatus[Worker]
+    settings: Settings, producer: KafkaProducer, started: Callable[[Worker], None]
 ) -> Outcome:
     candles_in, candles_out = trio.open_memory_channel[Candle](settings.channel_size)
     stats = Stats()
@@ -113,7 +142,7 @@ async def _run(
                 nursery.start_soon(telemetry.report_progress, worker.progress)
                 if settings.stop_at is not None:
                     nursery.start_soon(_stop_at, worker, settings.stop_at)
-                task_status.started(worker)
+                started(worker)
     except Exception as exc:
         failure = _first_failure(exc)
     finally:

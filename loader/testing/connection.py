@@ -121,6 +121,7 @@ class Connection:
         self._out_bytes = 0
         self._sending = False
         self._wake = Signal()
+        self._writer_idle = False
         self._sent = Signal()
         self._pings: deque[tuple[bytes, float]] = deque()
         self._pings_changed = Signal()
@@ -304,7 +305,9 @@ class Connection:
             # A consumer this far behind is cut off, as a slow consumer.
             self._terminate()
             return
-        self._wake.notify()
+        if self._writer_idle:
+            self._writer_idle = False
+            self._wake.notify()
 
     def push_kline(self, raw: bytes, wrapped: bytes) -> None:
         """Queue a framed kline (publisher side)."""
@@ -334,6 +337,7 @@ class Connection:
     async def _writer(self) -> None:
         while True:
             while not self._out or self._stalled:
+                self._writer_idle = True
                 await self._wake.wait()
             data = b"".join(self._out)
             self._out.clear()
@@ -507,6 +511,7 @@ class Connection:
         self._stalled = False
         self._pings.clear()
         self._unstalled.notify()
+        self._writer_idle = False
         self._wake.notify()
         self._pings_changed.notify()
 

@@ -19,6 +19,9 @@ no history before it (as for a symbol listed at that moment).
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import struct
 import zlib
 from array import array
 from collections.abc import Iterable
@@ -42,7 +45,7 @@ DEFAULT_SYMBOLS: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", 
 
 _UNIT = 100_000_000  # 1e8: Binance prints 8 decimals
 _M64 = (1 << 64) - 1
-_MAX_BURSTS = 8
+_MAX_BURSTS = 7  # one 64-bit random word each, plus one for the candle
 
 
 class Kline(msgspec.Struct, frozen=True, gc=False):
@@ -98,8 +101,10 @@ class KlineEvent(msgspec.Struct, frozen=True, gc=False):
     kline: Kline = msgspec.field(name="k")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def format_units(units: int) -> str:
     """``123456789`` -> ``"1.23456789"``: Binance's fixed 8-decimal rendering."""
+    # Cached: prices revisit the same few ticks, and this runs seven times per frame.
     whole, frac = divmod(units, _UNIT)
     return f"{whole}.{frac:08d}"
 
@@ -137,17 +142,16 @@ def _symbol_hash(symbol: str) -> int:
     return zlib.crc32(symbol.encode())
 
 
-def _splitmix(state: int) -> tuple[int, int]:
-    state = (state + 0x9E3779B97F4A7C15) & _M64
-    z = state
+def _splitmix(state: int) -> int:
+    z = (state + 0x9E3779B97F4A7C15) & _M64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return state, z ^ (z >> 31)
+    return z ^ (z >> 31)
 
 
 def symbol_spec(symbol: str, seed: int) -> SymbolSpec:
     """The trading parameters of ``symbol``: a fixed table for the defaults, else derived."""
-    _, r = _splitmix((seed * 0x100000001B3) ^ _symbol_hash(symbol))
+    r = _splitmix((seed * 0x100000001B3) ^ _symbol_hash(symbol))
     first_id = 1_000_000 + r % 900_000_000
     known = _KNOWN.get(symbol)
     if known is not None:
@@ -158,49 +162,55 @@ def symbol_spec(symbol: str, seed: int) -> SymbolSpec:
     return SymbolSpec(symbol, price, 10_000, 1_000_000, 20, 500, first_id)
 
 
-class _Bursts:
-    """The trading inside one candle, sorted by offset from the candle's open."""
+_INTERVAL_CODES = {name: i for i, name in enumerate(iv.INTERVALS)}
+_KEY = struct.Struct("<QQ")
+_WORDS = struct.Struct("<8Q")
 
-    __slots__ = ("buys", "counts", "first_id", "offsets", "prev_close", "prices", "qtys")
 
-    def __init__(self, prev_close: int, first_id: int) -> None:
+class _Candle:
+    """The trading inside one candle: bursts sorted by offset from the open.
+
+    A burst is ``(offset ms, price, trade count, quantity, taker is buyer)``.
+    """
+
+    __slots__ = ("bursts", "final", "first_id", "prev_close", "trades")
+
+    def __init__(
+        self, prev_close: int, first_id: int, bursts: list[tuple[int, int, int, int, bool]]
+    ) -> None:
         self.prev_close = prev_close
         self.first_id = first_id
-        self.offsets: list[int] = []
-        self.prices: list[int] = []
-        self.counts: list[int] = []
-        self.qtys: list[int] = []
-        self.buys: list[bool] = []
+        self.bursts = bursts
+        self.trades = sum(b[2] for b in bursts)
+        self.final: Kline | None = None
 
     def count_before(self, offset: int | None) -> int:
         """How many bursts happened strictly before ``offset`` (all of them for ``None``)."""
         if offset is None:
-            return len(self.offsets)
+            return len(self.bursts)
         n = 0
-        for o in self.offsets:
-            if o >= offset:
+        for burst in self.bursts:
+            if burst[0] >= offset:
                 break
             n += 1
         return n
 
 
-_INTERVAL_CODES = {name: i for i, name in enumerate(iv.INTERVALS)}
-
-
 class _Series:
-    __slots__ = ("cache", "closes", "interval", "key", "last_ids", "spec")
+    __slots__ = ("cache", "closes", "interval", "key", "last_ids", "length", "spec")
 
     def __init__(self, spec: SymbolSpec, interval: str, seed: int) -> None:
         self.spec = spec
         self.interval = interval
-        self.key = (
-            (seed & _M64) * 0x9E3779B1 ^ _symbol_hash(spec.symbol) << 8 ^ _INTERVAL_CODES[interval]
-        ) & _M64
+        self.length = iv.interval_ms(interval)
+        self.key = _splitmix(
+            (seed & _M64) ^ (_symbol_hash(spec.symbol) << 8) ^ _INTERVAL_CODES[interval]
+        )
         # Per candle: close price and the last trade id so far (carried over empty candles).
         # Compact arrays, because a benchmark can produce millions of candles.
         self.closes = array("q")
         self.last_ids = array("q")
-        self.cache: dict[int, _Bursts] = {}
+        self.cache: dict[int, _Candle] = {}
 
 
 class Market:
@@ -257,54 +267,60 @@ class Market:
             self._series[(symbol, interval)] = series
         return series
 
-    def _bursts(self, series: _Series, index: int) -> _Bursts:
+    def _candle(self, series: _Series, index: int) -> _Candle:
         cached = series.cache.get(index)
         if cached is not None:
             return cached
         closes = series.closes
         while len(closes) < index:
-            self._bursts(series, len(closes))
+            self._candle(series, len(closes))
         spec = series.spec
         if index == 0:
             prev_close, prev_last = spec.start_price, spec.first_trade_id - 1
         else:
             prev_close, prev_last = closes[index - 1], series.last_ids[index - 1]
-        bursts = self._generate(series, index, prev_close, prev_last)
+        candle = self._generate(series, index, prev_close, prev_last)
         if len(closes) == index:
-            closes.append(bursts.prices[-1] if bursts.prices else prev_close)
-            series.last_ids.append(prev_last + sum(bursts.counts))
+            closes.append(candle.bursts[-1][1] if candle.bursts else prev_close)
+            series.last_ids.append(prev_last + candle.trades)
         # Streams walk forward through recent candles; older ones are rebuilt if asked.
         if len(series.cache) >= 4:
             del series.cache[min(series.cache)]
-        series.cache[index] = bursts
-        return bursts
+        series.cache[index] = candle
+        return candle
 
-    def _generate(self, series: _Series, index: int, prev_close: int, prev_last: int) -> _Bursts:
+    def _generate(self, series: _Series, index: int, prev_close: int, prev_last: int) -> _Candle:
+        # One keyed hash gives all the randomness of a candle: eight 64-bit words.
+        digest = hashlib.blake2b(_KEY.pack(series.key, index), digest_size=64).digest()
+        head, *words = _WORDS.unpack(digest)
+        if head % 10_000 < self._empty_threshold:
+            return _Candle(prev_close, prev_last + 1, [])
+        length = series.length
+        if length is None:
+            opened = self.open_time(series.interval, index)
+            length = iv.next_open(series.interval, opened) - opened
         spec = series.spec
-        bursts = _Bursts(prev_close, prev_last + 1)
-        state, r = _splitmix(series.key ^ (index * 0xD1B54A32D192ED03 & _M64))
-        if r % 10_000 < self._empty_threshold:
-            return bursts
-        open_ms = self.open_time(series.interval, index)
-        length = iv.next_open(series.interval, open_ms) - open_ms
-        n = 1 + (r >> 16) % _MAX_BURSTS
-        draws = []
-        for _ in range(n):
-            state, r = _splitmix(state)
-            draws.append((r % length, r >> 32))
-        draws.sort()
-        price = prev_close
+        draws = sorted((w % length, w >> 32) for w in words[: 1 + (head >> 16) % _MAX_BURSTS])
         tick = spec.tick
+        lot = spec.lot
         span = 2 * spec.max_step + 1
+        max_step = spec.max_step
+        max_lots = spec.max_lots
+        price = prev_close
+        bursts = []
         for offset, bits in draws:
-            step = bits % span - spec.max_step
-            price = max(tick, price + step * tick)
-            bursts.offsets.append(offset)
-            bursts.prices.append(price)
-            bursts.counts.append(1 + (bits >> 10) % 40)
-            bursts.qtys.append((1 + (bits >> 16) % spec.max_lots) * spec.lot)
-            bursts.buys.append(bool(bits >> 31 & 1))
-        return bursts
+            price += (bits % span - max_step) * tick
+            price = max(price, tick)
+            bursts.append(
+                (
+                    offset,
+                    price,
+                    1 + (bits >> 10) % 40,
+                    (1 + (bits >> 16) % max_lots) * lot,
+                    bool(bits >> 31 & 1),
+                )
+            )
+        return _Candle(prev_close, prev_last + 1, bursts)
 
     def kline(self, symbol: str, interval: str, index: int, as_of: int | None = None) -> Kline:
         """Candle ``index`` of ``(symbol, interval)``.
@@ -312,32 +328,58 @@ class Market:
         With ``as_of=None`` it is the final candle (``closed=True``); otherwise its state
         after ``as_of`` ms of trading, as an intermediate update shows it (``closed=False``).
         """
-        series = self._get_series(symbol, interval)
-        bursts = self._bursts(series, index)
+        series = self._series.get((symbol, interval))
+        if series is None:
+            series = self._get_series(symbol, interval)
+        candle = self._candle(series, index)
+        if as_of is None and candle.final is not None:
+            return candle.final
         open_ms = self.open_time(interval, index)
         close_ms = iv.next_open(interval, open_ms) - 1
-        n = bursts.count_before(as_of)
+        n = candle.count_before(as_of)
+        closed = as_of is None
         if n == 0:
-            p = format_units(bursts.prev_close)
+            p = format_units(candle.prev_close)
             zero = "0.00000000"
-            return Kline(
+            kline = Kline(
                 open_ms, close_ms, symbol, interval, -1, -1, p, p, p, p, zero, 0,
-                as_of is None, zero, zero, zero,
+                closed, zero, zero, zero,
             )  # fmt: skip
-        prices = bursts.prices
-        counts = bursts.counts
-        qtys = bursts.qtys
-        buys = bursts.buys
+        else:
+            kline = self._aggregate(
+                candle,
+                n,
+                open_ms=open_ms,
+                close_ms=close_ms,
+                symbol=symbol,
+                interval=interval,
+                closed=closed,
+            )
+        if closed:
+            candle.final = kline
+        return kline
+
+    @staticmethod
+    def _aggregate(
+        candle: _Candle,
+        n: int,
+        *,
+        open_ms: int,
+        close_ms: int,
+        symbol: str,
+        interval: str,
+        closed: bool,
+    ) -> Kline:
+        bursts = candle.bursts
         volume = quote = buy_volume = buy_quote = trades = 0
-        high = low = prices[0]
+        high = low = bursts[0][1]
         for k in range(n):
-            price = prices[k]
-            qty = qtys[k]
+            _, price, count, qty, buy = bursts[k]
             q = price * qty // _UNIT
             volume += qty
             quote += q
-            trades += counts[k]
-            if buys[k]:
+            trades += count
+            if buy:
                 buy_volume += qty
                 buy_quote += q
             if price > high:
@@ -349,15 +391,15 @@ class Market:
             close_ms,
             symbol,
             interval,
-            bursts.first_id,
-            bursts.first_id + trades - 1,
-            format_units(prices[0]),
-            format_units(prices[n - 1]),
+            candle.first_id,
+            candle.first_id + trades - 1,
+            format_units(bursts[0][1]),
+            format_units(bursts[n - 1][1]),
             format_units(high),
             format_units(low),
             format_units(volume),
             trades,
-            as_of is None,
+            closed,
             format_units(quote),
             format_units(buy_volume),
             format_units(buy_quote),
