@@ -55,8 +55,8 @@ class ConnectionInfo:
 
     id: int
     kind: ConnectionKind
-    #: Request path and query, as the client sent them.
-    target: str
+    #: Request path with its query, as the client sent them (``/stream?streams=...``).
+    path: str
     #: Stream names subscribed, in order (as the client spelled them).
     subscriptions: tuple[str, ...]
     #: Whether payloads are wrapped as ``{"stream":..,"data":..}``.

@@ -285,7 +285,7 @@ class Market:
             series.last_ids.append(prev_last + candle.trades)
         # Streams walk forward through recent candles; older ones are rebuilt if asked.
         if len(series.cache) >= 4:
-            del series.cache[min(series.cache)]
+            del series.cache[next(iter(series.cache))]
         series.cache[index] = candle
         return candle
 
@@ -334,8 +334,13 @@ class Market:
         candle = self._candle(series, index)
         if as_of is None and candle.final is not None:
             return candle.final
-        open_ms = self.open_time(interval, index)
-        close_ms = iv.next_open(interval, open_ms) - 1
+        length = series.length
+        if length is None:
+            open_ms = self.open_time(interval, index)
+            close_ms = iv.next_open(interval, open_ms) - 1
+        else:
+            open_ms = self._first_open[interval] + index * length
+            close_ms = open_ms + length - 1
         n = candle.count_before(as_of)
         closed = as_of is None
         if n == 0:

@@ -118,6 +118,8 @@ class _Publisher:
         self.subs: dict[StreamKey, dict[Subscriber, None]] = {}
         self.subscriptions_changed = Signal()
         self.progress = Signal()
+        # b'{"stream":"<name>","data":' per series, built once
+        self._prefixes: dict[StreamKey, bytes] = {}
 
     def add(self, key: StreamKey, conn: Subscriber) -> None:
         """Start sending ``key``'s frames to ``conn``."""
@@ -134,11 +136,16 @@ class _Publisher:
             self.subscriptions_changed.notify()
 
     def _fan_out(self, key: StreamKey, raw: bytes, conns: dict[Subscriber, None]) -> None:
-        framed = wire.text_frame(raw)
-        wrapped = b""
+        framed = wrapped = b""
         for conn in conns:
-            if conn.combined and not wrapped:
-                wrapped = wire.text_frame(wire.combined(stream_name(key), raw))
+            if conn.combined:
+                if not wrapped:
+                    prefix = self._prefixes.get(key)
+                    if prefix is None:
+                        prefix = self._prefixes[key] = wire.combined(stream_name(key), b"")[:-1]
+                    wrapped = wire.text_frame(prefix + raw + b"}")
+            elif not framed:
+                framed = wire.text_frame(raw)
             conn.push_kline(framed, wrapped)
 
 
