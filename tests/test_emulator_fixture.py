@@ -53,7 +53,7 @@ async def test_emulator_runs_beside_the_test_body(binance_emulator: Emulator) ->
 
         async def read_one() -> None:
             async with open_websocket_url(binance_emulator.raw_url("btcusdt@kline_1s")) as ws:
-                got.append(await ws.get_message())
+                got.append(str(await ws.get_message()))
 
         nursery.start_soon(read_one)
         await binance_emulator.wait_connections(1)
