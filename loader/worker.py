@@ -13,7 +13,6 @@ from collections.abc import Callable
 from functools import partial
 
 import trio
-from kafka import KafkaProducer
 
 from loader.control import watch_control
 from loader.errors import FatalError
@@ -89,7 +88,7 @@ async def run(
 
     A run that fails before it is ready (Kafka unreachable, credentials refused) raises
     `FatalError` instead: there is no worker to hand out. Its `error` telemetry was sent if
-    Kafka could be reached.
+    Kafka could be reached. One stopped before it was ready still reports ready, then ends.
     """
     try:
         producer = await trio.to_thread.run_sync(
@@ -97,32 +96,39 @@ async def run(
         )
     except KafkaFailure as exc:
         raise FatalError(str(exc)) from exc
-    worker: Worker | None = None
+    candles_in, candles_out = trio.open_memory_channel[Candle](settings.channel_size)
+    stats = Stats()
+    metrics = Metrics(stats, lambda: candles_out.statistics().current_buffer_used)
+    sink = KafkaSink(producer, settings.kafka_topic, stats, metrics.delivery_latency.observe)
+    worker = Worker(settings, sink, metrics)
+    ready = False
 
-    def started(value: Worker) -> None:
-        nonlocal worker
-        worker = value
-        task_status.started(value)
+    def started() -> None:
+        nonlocal ready
+        ready = True
+        task_status.started(worker)
 
     try:
-        outcome = await _run(settings, producer, started)
+        outcome = await _run(worker, candles_in, candles_out, started)
     finally:
         await aclose(producer)
-    if worker is None:
-        raise FatalError(outcome.message, outcome.exit_code)
+    if not ready:
+        if outcome.status == "error":
+            raise FatalError(outcome.message, outcome.exit_code)
+        started()
     worker.outcome = outcome
     worker._done.set()
     return outcome
 
 
 async def _run(
-    settings: Settings, producer: KafkaProducer, started: Callable[[Worker], None]
+    worker: Worker,
+    candles_in: trio.MemorySendChannel[Candle],
+    candles_out: trio.MemoryReceiveChannel[Candle],
+    started: Callable[[], None],
 ) -> Outcome:
-    candles_in, candles_out = trio.open_memory_channel[Candle](settings.channel_size)
-    stats = Stats()
-    metrics = Metrics(stats, lambda: candles_out.statistics().current_buffer_used)
-    sink = KafkaSink(producer, settings.kafka_topic, stats, metrics.delivery_latency.observe)
-    worker = Worker(settings, sink, metrics)
+    """The nursery: sink, control, source, telemetry; then drain and the terminal event."""
+    settings, sink = worker.settings, worker.sink
     telemetry = Telemetry(settings, sink)
     failure: BaseException | None = None
     try:
@@ -130,7 +136,7 @@ async def _run(
             async with trio.open_nursery() as nursery:
                 if settings.metrics_port is not None:
                     await nursery.start(
-                        partial(serve_metrics, metrics, settings.metrics_port,
+                        partial(serve_metrics, worker.metrics, settings.metrics_port,
                                 health_timeout=settings.health_timeout)
                     )  # fmt: skip
                 await nursery.start(sink.run, candles_out)
@@ -142,7 +148,7 @@ async def _run(
                 nursery.start_soon(telemetry.report_progress, worker.progress)
                 if settings.stop_at is not None:
                     nursery.start_soon(_stop_at, worker, settings.stop_at)
-                started(worker)
+                started()
     except Exception as exc:
         failure = _first_failure(exc)
     finally:
