@@ -497,6 +497,7 @@ class Connection:
         """Freeze: nothing sent (data is discarded), nothing read, no pings, no pongs."""
         self._stalled = True
         self._pings_changed.notify()
+        self.hub.changed.notify()
         if seconds is not None:
             self._start(self._resume_after, seconds)
 
@@ -514,6 +515,7 @@ class Connection:
         self._writer_idle = False
         self._wake.notify()
         self._pings_changed.notify()
+        self.hub.changed.notify()
 
     def shutdown(self, grace: float, event_time: int) -> None:
         """Send ``serverShutdown``, then close (1001) after ``grace`` seconds."""
