@@ -121,3 +121,8 @@ kafka-env:
 test *args: sync
     [[ -n "${LOADER_TEST_KAFKA_BOOTSTRAP:-}" ]] || python3 kafka/broker.py up
     uv run pytest "$@"
+
+# Run the Binance market-stream emulator; prints its URL when ready (args: --port 9443 --speed 60 ...).
+[positional-arguments]
+emulator *args: sync
+    uv run python -m loader.testing.emulator "$@"
