@@ -173,15 +173,22 @@ class _Candle:
     A burst is ``(offset ms, price, trade count, quantity, taker is buyer)``.
     """
 
-    __slots__ = ("bursts", "final", "first_id", "prev_close", "trades")
+    __slots__ = ("bursts", "final", "first_id", "prev_close", "totals", "trades")
 
     def __init__(
-        self, prev_close: int, first_id: int, bursts: list[tuple[int, int, int, int, bool]]
+        self,
+        prev_close: int,
+        first_id: int,
+        bursts: list[tuple[int, int, int, int, bool]],
+        totals: tuple[int, int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0, 0),
     ) -> None:
         self.prev_close = prev_close
         self.first_id = first_id
         self.bursts = bursts
-        self.trades = sum(b[2] for b in bursts)
+        #: Whole-candle (high, low, volume, quote, buy volume, buy quote, trades), summed
+        #: while generating so the closing frame needs no second pass.
+        self.totals = totals
+        self.trades = totals[6]
         self.final: Kline | None = None
 
     def count_before(self, offset: int | None) -> int:
@@ -308,19 +315,27 @@ class Market:
         max_lots = spec.max_lots
         price = prev_close
         bursts = []
+        high = 0
+        low = 1 << 62
+        volume = quote = buy_volume = buy_quote = trades = 0
         for offset, bits in draws:
             price += (bits % span - max_step) * tick
             price = max(price, tick)
-            bursts.append(
-                (
-                    offset,
-                    price,
-                    1 + (bits >> 10) % 40,
-                    (1 + (bits >> 16) % max_lots) * lot,
-                    bool(bits >> 31 & 1),
-                )
-            )
-        return _Candle(prev_close, prev_last + 1, bursts)
+            count = 1 + (bits >> 10) % 40
+            qty = (1 + (bits >> 16) % max_lots) * lot
+            buy = bool(bits >> 31 & 1)
+            bursts.append((offset, price, count, qty, buy))
+            q = price * qty // _UNIT
+            volume += qty
+            quote += q
+            trades += count
+            if buy:
+                buy_volume += qty
+                buy_quote += q
+            high = max(high, price)
+            low = min(low, price)
+        totals = (high, low, volume, quote, buy_volume, buy_quote, trades)
+        return _Candle(prev_close, prev_last + 1, bursts, totals)
 
     def kline(self, symbol: str, interval: str, index: int, as_of: int | None = None) -> Kline:
         """Candle ``index`` of ``(symbol, interval)``.
@@ -350,6 +365,27 @@ class Market:
                 open_ms, close_ms, symbol, interval, -1, -1, p, p, p, p, zero, 0,
                 closed, zero, zero, zero,
             )  # fmt: skip
+        elif closed:
+            bursts = candle.bursts
+            high, low, volume, quote, buy_volume, buy_quote, trades = candle.totals
+            kline = Kline(
+                open_ms,
+                close_ms,
+                symbol,
+                interval,
+                candle.first_id,
+                candle.first_id + trades - 1,
+                format_units(bursts[0][1]),
+                format_units(bursts[-1][1]),
+                format_units(high),
+                format_units(low),
+                format_units(volume),
+                trades,
+                True,
+                format_units(quote),
+                format_units(buy_volume),
+                format_units(buy_quote),
+            )
         else:
             kline = self._aggregate(
                 candle,
