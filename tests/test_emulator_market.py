@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import time
 from decimal import Decimal
 
 import msgspec
@@ -88,6 +90,19 @@ def test_candles_chain_and_decimals_are_exact() -> None:
                 assert Decimal(k.high) >= max(Decimal(k.open), Decimal(k.close))
                 assert Decimal(k.taker_buy_volume) <= Decimal(k.volume)
             prev_close = k.close
+
+
+def test_far_candles_are_cheap_and_trade_ids_keep_increasing() -> None:
+    market = Market(["BTCUSDT"], seed=5, start_ms=START, empty_ratio=0.0)
+    started = time.perf_counter()
+    far = market.kline("BTCUSDT", "1s", 10_000_000)
+    assert time.perf_counter() - started < 2  # one chunk of work, not ten million candles
+    assert far.open_time == candle_open("1s", START) + 10_000_000 * 1000
+    # Across a chunk boundary (every 4096 candles) ids jump forward, never back.
+    around = market.klines("BTCUSDT", "1m", 4090, 4100)
+    ids = [(k.first_trade_id, k.last_trade_id) for k in around]
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(ids))
+    assert market.klines("BTCUSDT", "1m", 4090, 4100) == around
 
 
 def test_intermediate_states_grow_into_the_final_candle() -> None:

@@ -14,7 +14,10 @@ and quote volumes are integers in units of 1e-8, the precision Binance prints, s
 decimal string is exact.
 
 The first candle of each interval is the one containing the market's start instant; there is
-no history before it (as for a symbol listed at that moment).
+no history before it (as for a symbol listed at that moment). Candles are generated in
+chunks of 4096: within a chunk the walk and the trade ids are continuous; a chunk restarts
+the walk near the symbol's start price and its trade ids leave a gap, so reaching candle
+10,000,000 of a ``1s`` series costs one chunk of work, not ten million candles.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ DEFAULT_SYMBOLS: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", 
 _UNIT = 100_000_000  # 1e8: Binance prints 8 decimals
 _M64 = (1 << 64) - 1
 _MAX_BURSTS = 7  # one 64-bit random word each, plus one for the candle
+_BURST_TRADES = 40  # most trades in one burst
+_MAX_TRADES = _MAX_BURSTS * _BURST_TRADES
+_CHUNK = 4096  # candles generated in sequence; see Market._chunk_start
 
 
 class Kline(msgspec.Struct, frozen=True, gc=False):
@@ -204,7 +210,7 @@ class _Candle:
 
 
 class _Series:
-    __slots__ = ("cache", "closes", "interval", "key", "last_ids", "length", "spec")
+    __slots__ = ("cache", "chunks", "interval", "key", "length", "spec")
 
     def __init__(self, spec: SymbolSpec, interval: str, seed: int) -> None:
         self.spec = spec
@@ -213,10 +219,9 @@ class _Series:
         self.key = _splitmix(
             (seed & _M64) ^ (_symbol_hash(spec.symbol) << 8) ^ _INTERVAL_CODES[interval]
         )
-        # Per candle: close price and the last trade id so far (carried over empty candles).
-        # Compact arrays, because a benchmark can produce millions of candles.
-        self.closes = array("q")
-        self.last_ids = array("q")
+        # Per chunk of candles, per candle: close price and the last trade id so far (carried
+        # over empty candles). Compact arrays: a benchmark can produce millions of candles.
+        self.chunks: dict[int, tuple[array[int], array[int]]] = {}
         self.cache: dict[int, _Candle] = {}
 
 
@@ -274,22 +279,42 @@ class Market:
             self._series[(symbol, interval)] = series
         return series
 
+    def _chunk_start(self, series: _Series, chunk: int) -> tuple[int, int]:
+        """Price and last trade id before the first candle of ``chunk``.
+
+        Chunks restart the walk from an anchor near the start price (a bounded jump once
+        every ``_CHUNK`` candles) and leave room for the most trades a chunk can hold, so a
+        candle far from the start costs at most one chunk of work, not every candle before
+        it, and prices do not drift away over long runs.
+        """
+        spec = series.spec
+        first_before = spec.first_trade_id - 1 + chunk * _CHUNK * _MAX_TRADES
+        if chunk == 0:
+            return spec.start_price, first_before
+        reach = 100 * spec.max_step
+        r = _splitmix(series.key ^ chunk)
+        price = spec.start_price + (r % (2 * reach + 1) - reach) * spec.tick
+        return max(price, spec.tick), first_before
+
     def _candle(self, series: _Series, index: int) -> _Candle:
         cached = series.cache.get(index)
         if cached is not None:
             return cached
-        closes = series.closes
-        while len(closes) < index:
-            self._candle(series, len(closes))
-        spec = series.spec
-        if index == 0:
-            prev_close, prev_last = spec.start_price, spec.first_trade_id - 1
+        chunk, j = divmod(index, _CHUNK)
+        arrays = series.chunks.get(chunk)
+        if arrays is None:
+            arrays = series.chunks[chunk] = (array("q"), array("q"))
+        closes, last_ids = arrays
+        while len(closes) < j:
+            self._candle(series, chunk * _CHUNK + len(closes))
+        if j == 0:
+            prev_close, prev_last = self._chunk_start(series, chunk)
         else:
-            prev_close, prev_last = closes[index - 1], series.last_ids[index - 1]
+            prev_close, prev_last = closes[j - 1], last_ids[j - 1]
         candle = self._generate(series, index, prev_close, prev_last)
-        if len(closes) == index:
+        if len(closes) == j:
             closes.append(candle.bursts[-1][1] if candle.bursts else prev_close)
-            series.last_ids.append(prev_last + candle.trades)
+            last_ids.append(prev_last + candle.trades)
         # Streams walk forward through recent candles; older ones are rebuilt if asked.
         if len(series.cache) >= 4:
             del series.cache[next(iter(series.cache))]
@@ -321,7 +346,7 @@ class Market:
         for offset, bits in draws:
             price += (bits % span - max_step) * tick
             price = max(price, tick)
-            count = 1 + (bits >> 10) % 40
+            count = 1 + (bits >> 10) % _BURST_TRADES
             qty = (1 + (bits >> 16) % max_lots) * lot
             buy = bool(bits >> 31 & 1)
             bursts.append((offset, price, count, qty, buy))
