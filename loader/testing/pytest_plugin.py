@@ -20,6 +20,10 @@ Configuration, most specific first:
           return EmulatorConfig(speed=600, ping_interval=0.2, pong_timeout=0.5)
 
 The default configuration is Binance's except ``speed=600`` (a 1m candle every 0.1 s).
+
+On the trio backend anyio runs an async-generator fixture and the test in the same task, so
+the Trio nursery the fixture opens stays open across the test body: the emulator serves while
+the test awaits, and a crash inside the emulator cancels the test rather than going unseen.
 """
 
 from __future__ import annotations
