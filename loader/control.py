@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import msgspec
 import trio
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 
 from loader.kafka import aclose, open_consumer
 from loader.logs import ThrottledLog
@@ -22,6 +24,7 @@ from loader.settings import Settings
 from loader.stats import Stats
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 POLL_MS = 200
 TOPIC_RETRY = 2.0
@@ -42,6 +45,17 @@ def _assign(consumer: KafkaConsumer, topic: str, since_ms: int) -> bool:
     return True
 
 
+async def _retrying(bad: ThrottledLog, fn: Callable[..., T], *args: object) -> T:
+    """Run blocking `fn` in a thread until Kafka answers: a broker restart is not a reason
+    to stop watching, and a lasting outage ends the run through the sink's delivery timeout."""
+    while True:
+        try:
+            return await trio.to_thread.run_sync(fn, *args)
+        except KafkaError as exc:
+            bad.warning("control_unavailable", f"control topic unreadable ({exc}); retrying")
+        await trio.sleep(TOPIC_RETRY)
+
+
 async def watch_control(
     settings: Settings,
     stop: Callable[[str], None],
@@ -58,17 +72,15 @@ async def watch_control(
         topic = settings.queue_control_topic
         # Readiness waits for the positioning when the topic exists; when it does not yet, a
         # stop published later is still read, from the lookback, once it appears.
-        if await trio.to_thread.run_sync(_assign, consumer, topic, since_ms):
-            task_status.started()
-        else:
-            task_status.started()
+        positioned = await _retrying(bad, _assign, consumer, topic, since_ms)
+        task_status.started()
+        if not positioned:
             log.warning("control topic %r does not exist yet; watching for it", topic)
-            while True:
-                await trio.sleep(TOPIC_RETRY)
-                if await trio.to_thread.run_sync(_assign, consumer, topic, since_ms):
-                    break
+        while not positioned:
+            await trio.sleep(TOPIC_RETRY)
+            positioned = await _retrying(bad, _assign, consumer, topic, since_ms)
         while True:
-            batches = await trio.to_thread.run_sync(lambda: consumer.poll(timeout_ms=POLL_MS))
+            batches = await _retrying(bad, lambda: consumer.poll(timeout_ms=POLL_MS))
             for records in batches.values():
                 for record in records:
                     try:

@@ -153,13 +153,15 @@ class KafkaSink:
         self.stats.candles_acknowledged += pending.count
         self.stats.last_ack_at = now = time.monotonic()
         self.observe_latency(now - pending.sent_at)
+        self.wake()
+
+    async def progressed(self) -> None:
+        """Return at the next acknowledgement, or when `wake` is called."""
+        await self._acknowledged.wait()
+
+    def wake(self) -> None:
         self._acknowledged.set()
         self._acknowledged = trio.Event()
-
-    async def wait_written(self, count: int) -> None:
-        """Return once Kafka acknowledged at least `count` candles."""
-        while self.records_written < count:
-            await self._acknowledged.wait()
 
     @property
     def records_written(self) -> int:

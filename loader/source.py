@@ -260,7 +260,9 @@ class Source:
             await trio.sleep(min(timeout / 4, max(0.0, retire_at - trio.current_time())))
             now = trio.current_time()
             if now >= retire_at:
+                self.stats.reconnects["lifetime"] += 1
                 conn.retire_for("lifetime")
+                retire_at = math.inf
             if conn.reading and now - conn.idle_since > timeout:
                 self.stats.reconnects["stalled"] += 1
                 log.warning("no frame from Binance for %.1f s; reconnecting", timeout)

@@ -63,8 +63,15 @@ class Worker:
         self.scope.cancel()
 
     async def wait_written(self, count: int) -> None:
-        """Return once Kafka acknowledged at least `count` candles."""
-        await self.sink.wait_written(count)
+        """Return once Kafka acknowledged at least `count` candles; raise if the run ends
+        first, so a waiting test or harness fails instead of hanging."""
+        while self.records_written < count:
+            if self.outcome is not None:
+                raise RuntimeError(
+                    f"the run ended after {self.records_written} of {count} candles: "
+                    f"{self.outcome.message}"
+                )
+            await self.sink.progressed()
 
     async def finished(self) -> Outcome:
         """Wait until the run has ended (telemetry sent, Kafka closed) and say how."""
@@ -118,6 +125,7 @@ async def run(
         started()
     worker.outcome = outcome
     worker._done.set()
+    sink.wake()
     return outcome
 
 
@@ -157,10 +165,12 @@ async def _run(
             try:
                 await sink.drain(candles_out, trio.current_time() + settings.stop_grace)
             except KafkaFailure as exc:
-                failure = exc
+                if failure is not None:
+                    log.error("after the failure, delivery failed too: %s", exc)
+                failure = failure or exc
         outcome = _outcome(worker, failure)
         if failure is not None:
-            log.error("run failed: %s", outcome.message)
+            log.error("run failed: %s", outcome.message, exc_info=failure)
         await telemetry.final(outcome.status, outcome.message)
     return outcome
 

@@ -213,3 +213,14 @@ def start_local_broker() -> KafkaBroker:
 
 def stop_local_broker() -> None:
     run_broker_script("down")
+
+
+def local_broker_pid() -> int:
+    """The local broker's JVM, for tests that pause or restart the broker for real."""
+    status = json.loads(run_broker_script("status", "--json", check=False).stdout)
+    if not status.get("running"):
+        raise RuntimeError(
+            "this test pauses and restarts the broker, so it needs the local one "
+            "(kafka/broker.py), not an external broker"
+        )
+    return int(status["pid"])

@@ -159,8 +159,8 @@ class Connection:
                     nursery.start_soon(self._lifetime)
                     if self._recording is not None:
                         nursery.start_soon(self._replay, self._recording)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away; nothing to tell it
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away (from any task of the nursery); nothing to tell it
         finally:
             self._dead = True
             self._sent.notify()
