@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 POLL_MS = 200
+# A poll stuck on a dead broker holds up the end of the run until this expires.
+REQUEST_TIMEOUT = 3.0
 TOPIC_RETRY = 2.0
 
 
@@ -64,7 +66,9 @@ async def watch_control(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Report ready once positioned; call `stop` on the first stop command for our queue."""
-    consumer = await trio.to_thread.run_sync(lambda: open_consumer(settings.kafka, timeout=30.0))
+    consumer = await trio.to_thread.run_sync(
+        lambda: open_consumer(settings.kafka, timeout=30.0, request_timeout=REQUEST_TIMEOUT)
+    )
     decode = msgspec.json.Decoder(ControlCommand).decode
     bad = ThrottledLog(log)
     try:

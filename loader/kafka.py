@@ -23,7 +23,9 @@ class KafkaFailure(Exception):
     """Kafka refused or could not be reached: the run ends with `error` and exit code 1."""
 
 
-def client_config(kafka: KafkaSettings, *, timeout: float) -> dict[str, Any]:
+def client_config(
+    kafka: KafkaSettings, *, timeout: float, request_timeout: float = 30.0
+) -> dict[str, Any]:
     """Connection settings shared by producer and consumer.
 
     A user means SASL_SSL; `ca_path` means TLS verified against that CA, hostname included.
@@ -32,7 +34,7 @@ def client_config(kafka: KafkaSettings, *, timeout: float) -> dict[str, Any]:
         "bootstrap_servers": kafka.bootstrap_servers.split(","),
         "security_protocol": kafka.security_protocol,
         "bootstrap_timeout_ms": int(timeout * 1000),
-        "request_timeout_ms": int(min(timeout, 30.0) * 1000),
+        "request_timeout_ms": int(min(timeout, request_timeout) * 1000),
     }
     if kafka.security_protocol != "PLAINTEXT":
         config["ssl_check_hostname"] = True
@@ -110,11 +112,17 @@ def open_producer(kafka: KafkaSettings, *, delivery_timeout: float) -> KafkaProd
         )
 
 
-def open_consumer(kafka: KafkaSettings, *, timeout: float) -> KafkaConsumer:
-    """A group-less consumer: the Job is stateless and commits nothing."""
+def open_consumer(
+    kafka: KafkaSettings, *, timeout: float, request_timeout: float = 30.0
+) -> KafkaConsumer:
+    """A group-less consumer: the Job is stateless and commits nothing.
+
+    `request_timeout` bounds each blocking call, so a thread stuck on a dead broker returns
+    (and lets the run end) that soon.
+    """
     with _failure_cause("consumer", kafka):
         return KafkaConsumer(
-            **client_config(kafka, timeout=timeout),
+            **client_config(kafka, timeout=timeout, request_timeout=request_timeout),
             group_id=None,
             enable_auto_commit=False,
             metrics_enabled=False,

@@ -50,6 +50,8 @@ class Worker:
         self.scope = trio.CancelScope()
         self.stopped: tuple[Status, str] | None = None
         self.outcome: Outcome | None = None
+        # The bound port when METRICS_PORT is set (0 there picks a free one).
+        self.metrics_port: int | None = None
         self._done = trio.Event()
 
     @property
@@ -143,7 +145,7 @@ async def _run(
         with worker.scope:
             async with trio.open_nursery() as nursery:
                 if settings.metrics_port is not None:
-                    await nursery.start(
+                    worker.metrics_port = await nursery.start(
                         partial(serve_metrics, worker.metrics, settings.metrics_port,
                                 health_timeout=settings.health_timeout)
                     )  # fmt: skip
