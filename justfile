@@ -126,3 +126,14 @@ test *args: sync
 [positional-arguments]
 emulator *args: sync
     uv run python -m loader.testing.emulator "$@"
+
+# Run the main job. No BINANCE_WS_URL: against the Binance emulator; no KAFKA_BOOTSTRAP_SERVERS: against the local Kafka. Shows candles as Kafka gets them.
+run: sync
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [[ -z ${KAFKA_BOOTSTRAP_SERVERS:-} ]]; then
+        python3 kafka/broker.py up
+        eval "$(python3 kafka/broker.py env)"
+        export KAFKA_BOOTSTRAP_SERVERS=$LOADER_TEST_KAFKA_BOOTSTRAP
+    fi
+    exec uv run python -m loader.testing.demo
