@@ -51,6 +51,14 @@ image tag="loader-ws-candles:dev":
         .
     echo "image: built {{ tag }} with $engine"
 
+# Install the test tools that live outside uv.lock: kustomize, built by Go from its module proxy.
+tools:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    gobin="$(go env GOPATH)/bin/kustomize"
+    [[ -n ${KUSTOMIZE:-} || -x $gobin ]] || command -v kustomize >/dev/null ||
+        go install sigs.k8s.io/kustomize/kustomize/v5@{{ kustomize_version }}
+
 # Lint deployment: hadolint (Containerfile), kustomize render, checkov (overlays).
 lint-deploy: sync
     #!/usr/bin/env bash
@@ -118,7 +126,7 @@ kafka-env:
 
 # Run the tests (args go to pytest) against the local Kafka broker, started if needed.
 [positional-arguments]
-test *args: sync
+test *args: sync tools
     [[ -n "${LOADER_TEST_KAFKA_BOOTSTRAP:-}" ]] || python3 kafka/broker.py up
     uv run pytest "$@"
 
