@@ -224,3 +224,18 @@ def local_broker_pid() -> int:
             "(kafka/broker.py), not an external broker"
         )
     return int(status["pid"])
+
+
+def wait_until_serving(broker: KafkaBroker, timeout: float = 60.0) -> None:
+    """After a pause or restart, a KRaft broker is fenced for a while and refuses to create
+    topics; poll until it creates one again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            broker.new_topic("serving-probe")
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+        else:
+            return

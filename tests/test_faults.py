@@ -10,12 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
-from kafka_broker import KafkaBroker, local_broker_pid, run_broker_script
+from kafka_broker import KafkaBroker, local_broker_pid, run_broker_script, wait_until_serving
 from worker_tools import (
     assert_matches_market,
     candles,
@@ -176,19 +176,22 @@ async def test_broker_restart_loses_and_repeats_nothing(kafka: KafkaBroker) -> N
             await worker.wait_written(10)
             await trio.to_thread.run_sync(run_broker_script, "down")
             await trio.to_thread.run_sync(run_broker_script, "up")
+            await trio.to_thread.run_sync(wait_until_serving, kafka)
             await worker.wait_written(worker.records_written + 20)
             worker.stop()
             await _check(kafka, emulator, topic, worker)
 
 
-@contextmanager
-def broker_paused() -> Iterator[None]:
+@asynccontextmanager
+async def broker_paused(kafka: KafkaBroker) -> AsyncIterator[None]:
+    """The broker's JVM frozen (SIGSTOP): a real, total Kafka stall."""
     pid = local_broker_pid()
     os.kill(pid, signal.SIGSTOP)
     try:
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
+        await trio.to_thread.run_sync(wait_until_serving, kafka)
 
 
 async def test_slow_kafka_keeps_the_websocket(kafka: KafkaBroker) -> None:
@@ -201,7 +204,7 @@ async def test_slow_kafka_keeps_the_websocket(kafka: KafkaBroker) -> None:
         )
         async with running_worker(settings) as worker:
             await worker.wait_written(50)
-            with broker_paused():
+            async with broker_paused(kafka):
                 # The slowdown itself: how long Kafka stays unresponsive.
                 await trio.sleep(3 * FAST.pong_timeout)
             await worker.wait_written(worker.records_written + 50)
@@ -226,7 +229,7 @@ async def test_unreachable_broker_past_delivery_timeout_is_an_error(kafka: Kafka
         )
         async with running_worker(settings) as worker:
             await worker.wait_written(5)
-            with broker_paused():
+            async with broker_paused(kafka):
                 outcome = await worker.finished()
     assert (outcome.status, outcome.exit_code) == ("error", 1)
     assert "Kafka" in outcome.message
