@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -36,14 +36,21 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 from loader.testing import faults, wire
 from loader.testing.config import EmulatorConfig
 from loader.testing.publisher import Publisher, Signal
-from loader.testing.replay import Recording, replay
+from loader.testing.replay import (
+    RecordedFrame,
+    Recording,
+    replay,
+    replay_frames,
+    requested_streams,
+    split_frames,
+)
 from loader.testing.streams import StreamKey, handle_control, parse_kline_stream
 from loader.testing.wsapi import WsApi
 
 __all__ = ["Connection", "ConnectionInfo", "ConnectionKind", "Hub"]
 
 #: ``"stream"``: market streams (``/ws``, ``/stream``); ``"api"``: ``/ws-api/v3``;
-#: ``"replay"``: a recorded session.
+#: ``"replay"``: a recorded session (on its recorded path, or some of its streams).
 ConnectionKind = Literal["stream", "api", "replay"]
 
 WS_API_PATH = "/ws-api/v3"
@@ -76,7 +83,13 @@ class Hub:
         self.config = config
         self.publisher = publisher
         self.wsapi = WsApi(publisher)
-        self.recordings = {r.target: r for r in recordings}
+        # By recorded path and query; of two recordings on one path, the first loaded.
+        self.recordings: dict[str, Recording] = {}
+        for recording in recordings:
+            self.recordings.setdefault(recording.target, recording)
+        # In load order, for connections that ask for some of a recording's streams.
+        self._by_streams = [(frozenset(r.streams), r) for r in recordings if r.streams]
+        self._split: dict[int, tuple[RecordedFrame, ...]] = {}
         self.connections: dict[int, Connection] = {}
         self.changed = Signal()
         self.handshakes = 0
@@ -84,6 +97,20 @@ class Hub:
         self._ids = itertools.count(1)
         # (status, Retry-After seconds, how many more handshakes to refuse)
         self._refusal: tuple[int, int, int] | None = None
+
+    def recording_for(self, streams: Sequence[str]) -> Recording | None:
+        """The first loaded recording that carries every one of ``streams`` (not none)."""
+        wanted = set(streams)
+        if not wanted:
+            return None
+        return next((r for names, r in self._by_streams if wanted <= names), None)
+
+    def recorded_frames(self, recording: Recording) -> tuple[RecordedFrame, ...]:
+        """``recording``'s frames split by stream (worked out once, when first asked for)."""
+        key = id(recording)
+        if key not in self._split:
+            self._split[key] = split_frames(recording)
+        return self._split[key]
 
     def next_id(self) -> int:
         """A fresh connection id."""
@@ -116,6 +143,8 @@ class Connection:
         self._ws = WSConnection(ConnectionType.SERVER)
         self._subs: dict[str, StreamKey | None] = {}
         self._recording: Recording | None = None
+        # Replaying some of a recording's streams: its frames, filtered by subscription.
+        self._recorded: tuple[RecordedFrame, ...] | None = None
         self._nursery: trio.Nursery | None = None
         self._out: list[bytes] = []
         self._out_bytes = 0
@@ -165,7 +194,7 @@ class Connection:
             self._dead = True
             self._sent.notify()
             for key in self._subs.values():
-                if key is not None:
+                if key is not None and self.kind == "stream":
                     self.hub.publisher.remove(key, self)
             if self.hub.connections.pop(self.id, None) is not None:
                 self.hub.changed.notify()
@@ -243,20 +272,22 @@ class Connection:
             self._recording = recording
             self.combined = urlsplit(target).path.startswith("/stream")
             return True
-        parts = urlsplit(target)
-        path = parts.path
-        if path == WS_API_PATH:
+        if urlsplit(target).path == WS_API_PATH:
             self.kind = "api"
             return True
-        if path == "/ws" or path.startswith("/ws/"):
-            names = [n for n in path[4:].split("/") if n]
-        elif path in ("/stream", "/stream/"):
-            self.combined = True
-            names = [n for n in parse_qs(parts.query).get("streams", [""])[0].split("/") if n]
-        else:
+        requested = requested_streams(target)
+        if requested is None:
             return False
+        self.combined = urlsplit(target).path.startswith("/stream")
         # Streams beyond the per-connection cap are ignored (Binance's answer is not known).
-        self._add_streams(names[: self.config.max_streams_per_connection])
+        names = requested[: self.config.max_streams_per_connection]
+        recording = self.hub.recording_for(names)
+        if recording is not None:
+            # Every stream asked for was recorded: serve the recording, filtered to them.
+            self.kind = "replay"
+            self._recording = recording
+            self._recorded = self.hub.recorded_frames(recording)
+        self._add_streams(names)
         return True
 
     # -- subscriptions (streams.ControlTarget) --------------------------------------------
@@ -462,7 +493,29 @@ class Connection:
         self.rotate()
 
     async def _replay(self, recording: Recording) -> None:
-        await replay(recording, self.push_frame, self.config.replay_speed)
+        # After the last frame the connection stays open and silent (pings go on).
+        if self._recorded is None:
+            await replay(recording, self.push_frame, self.config.replay_speed)
+        else:
+            await replay_frames(
+                self._recorded,
+                recording.connected_at,
+                self._push_recorded,
+                self.config.replay_speed,
+            )
+
+    def _push_recorded(self, frame: RecordedFrame) -> None:
+        """Queue a recorded frame if its stream is subscribed, shaped as Binance sends it:
+        on combined connections the recorded wrapper as is, on raw ones the bare event."""
+        if frame.stream is None or frame.stream not in self._subs:
+            return
+        if not self.combined:
+            data = frame.payload.encode()
+        elif frame.wrapped:
+            data = frame.text.encode()
+        else:
+            data = wire.combined(frame.stream, frame.payload.encode())
+        self._enqueue(wire.text_frame(data))
 
     # -- closing and faults ---------------------------------------------------------------
 
