@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -54,113 +54,90 @@ async def _new_topic(kafka: KafkaBroker, name: str) -> str:
     return await trio.to_thread.run_sync(kafka.new_topic, name, 2)
 
 
-async def test_dropped_connection_is_backfilled(kafka: KafkaBroker) -> None:
-    topic = await _new_topic(kafka, "fault-drop")
-    async with open_emulator(FAST) as emulator:
-        settings = worker_settings(kafka, emulator, topic, SYMBOL=SYMBOLS)
+async def run_through(
+    kafka: KafkaBroker,
+    name: str,
+    fault: Callable[[Emulator], object] | None,
+    *,
+    config: EmulatorConfig = FAST,
+    handshakes: int = 2,
+    **env: str,
+) -> tuple[Worker, Emulator, float]:
+    """Stream 10 candles, inject `fault`, wait for `handshakes` stream connections in all,
+    stream 20 more, stop, and check Kafka against the market. Returns the seconds from the
+    fault to the last handshake too."""
+    topic = await _new_topic(kafka, name)
+    async with open_emulator(config) as emulator:
+        settings = worker_settings(kafka, emulator, topic, SYMBOL=SYMBOLS, **env)
         async with running_worker(settings) as worker:
             await worker.wait_written(10)
-            assert emulator.drop() == 1
-            await emulator.wait_handshakes(2)
+            injected_at = trio.current_time()
+            if fault is not None:
+                fault(emulator)
+            await emulator.wait_for(lambda e: e.stream_handshakes >= handshakes)
+            recovered = trio.current_time() - injected_at
             await worker.wait_written(worker.records_written + 20)
             worker.stop()
             await _check(kafka, emulator, topic, worker)
+    return worker, emulator, recovered
+
+
+async def test_dropped_connection_is_backfilled(kafka: KafkaBroker) -> None:
+    worker, _, _ = await run_through(kafka, "fault-drop", Emulator.drop)
     # Whether candles closed while reconnecting depends on the jittered backoff; the
-    # stall and refusal tests below make the outage long enough to need a backfill.
+    # stall and refusal tests make the outage long enough to need a backfill.
     assert worker.stats.reconnects["closed"] == 1
 
 
 async def test_stalled_connection_is_replaced(kafka: KafkaBroker) -> None:
-    topic = await _new_topic(kafka, "fault-stall")
-    async with open_emulator(FAST) as emulator:
-        settings = worker_settings(kafka, emulator, topic, SYMBOL=SYMBOLS, STALL_TIMEOUT="0.5")
-        async with running_worker(settings) as worker:
-            await worker.wait_written(10)
-            assert emulator.stall() == 1
-            await emulator.wait_handshakes(2)
-            await worker.wait_written(worker.records_written + 20)
-            worker.stop()
-            await _check(kafka, emulator, topic, worker)
+    worker, _, _ = await run_through(kafka, "fault-stall", Emulator.stall, STALL_TIMEOUT="0.5")
     assert worker.stats.reconnects["stalled"] >= 1
     assert worker.stats.candles_backfilled > 0
 
 
 async def test_rotation_before_the_lifetime_overlaps(kafka: KafkaBroker) -> None:
-    topic = await _new_topic(kafka, "fault-rotate")
-    async with open_emulator(FAST) as emulator:
-        settings = worker_settings(kafka, emulator, topic, SYMBOL=SYMBOLS, ROTATE_AFTER="0.7")
-        async with running_worker(settings) as worker:
-            await emulator.wait_handshakes(4)
-            await worker.wait_written(worker.records_written + 5)
-            worker.stop()
-            await _check(kafka, emulator, topic, worker)
+    worker, _, _ = await run_through(kafka, "fault-rotate", None, handshakes=4, ROTATE_AFTER="0.7")
     assert worker.stats.reconnects["lifetime"] >= 3
 
 
 async def test_binance_24h_cut_is_backfilled(kafka: KafkaBroker) -> None:
-    topic = await _new_topic(kafka, "fault-24h")
-    async with open_emulator(FAST.replace(max_lifetime=0.8)) as emulator:
-        settings = worker_settings(kafka, emulator, topic, SYMBOL=SYMBOLS)
-        async with running_worker(settings) as worker:
-            await emulator.wait_handshakes(3)
-            await worker.wait_written(worker.records_written + 5)
-            worker.stop()
-            await _check(kafka, emulator, topic, worker)
+    worker, _, _ = await run_through(
+        kafka, "fault-24h", None, config=FAST.replace(max_lifetime=0.8), handshakes=3
+    )
     assert worker.stats.reconnects["closed"] >= 2
 
 
 async def test_server_shutdown_rotates_without_a_gap(kafka: KafkaBroker) -> None:
-    topic = await _new_topic(kafka, "fault-shutdown")
-    async with open_emulator(FAST) as emulator:
-        settings = worker_settings(kafka, emulator, topic, SYMBOL=SYMBOLS)
-        async with running_worker(settings) as worker:
-            await worker.wait_written(10)
-            assert emulator.shutdown(grace=1.0) == 1
-            await emulator.wait_handshakes(2)
-            await worker.wait_written(worker.records_written + 20)
-            worker.stop()
-            await _check(kafka, emulator, topic, worker)
+    worker, _, _ = await run_through(kafka, "fault-shutdown", lambda e: e.shutdown(grace=1.0))
     assert worker.stats.reconnects["server_shutdown"] == 1
 
 
+def _garbage(emulator: Emulator) -> None:
+    for _ in range(3):
+        emulator.send_invalid_json()
+        emulator.send_binary()
+        emulator.send_unknown_event()
+    emulator.send_oversized()
+
+
 async def test_garbage_is_skipped_and_counted(kafka: KafkaBroker) -> None:
-    topic = await _new_topic(kafka, "fault-garbage")
-    async with open_emulator(FAST) as emulator:
-        settings = worker_settings(kafka, emulator, topic, SYMBOL=SYMBOLS)
-        async with running_worker(settings) as worker:
-            await worker.wait_written(5)
-            for _ in range(3):
-                emulator.send_invalid_json()
-                emulator.send_binary()
-                emulator.send_unknown_event()
-            emulator.send_oversized()
-            await worker.wait_written(worker.records_written + 20)
-            worker.stop()
-            await _check(kafka, emulator, topic, worker)
+    worker, emulator, _ = await run_through(kafka, "fault-garbage", _garbage, handshakes=1)
     assert dict(worker.stats.malformed) == {
         "invalid_json": 3,
         "binary": 3,
         "unknown_event": 3,
         "oversize": 1,
     }
-    assert emulator.handshakes == 1
+    assert emulator.stream_handshakes == 1
 
 
 @pytest.mark.parametrize("status", [429, 418])
 async def test_refused_handshakes_honour_retry_after(kafka: KafkaBroker, status: int) -> None:
-    topic = await _new_topic(kafka, f"fault-refused-{status}")
-    async with open_emulator(FAST) as emulator:
-        settings = worker_settings(kafka, emulator, topic, SYMBOL=SYMBOLS)
-        async with running_worker(settings) as worker:
-            await worker.wait_written(5)
-            emulator.refuse_handshakes(2, status=status, retry_after=1)
-            dropped_at = trio.current_time()
-            emulator.drop()
-            await emulator.wait_handshakes(2)
-            waited = trio.current_time() - dropped_at
-            await worker.wait_written(worker.records_written + 10)
-            worker.stop()
-            await _check(kafka, emulator, topic, worker)
+    def refuse_then_drop(emulator: Emulator) -> None:
+        emulator.refuse_handshakes(2, status=status, retry_after=1)
+        emulator.drop()
+
+    worker, emulator, waited = await run_through(kafka, f"fault-{status}", refuse_then_drop)
     assert emulator.refused == 2
     assert worker.stats.reconnects[f"rejected_{status}"] == 2
     assert waited >= 2.0  # two refusals, each asking for a second
@@ -171,7 +148,10 @@ async def test_broker_restart_loses_and_repeats_nothing(kafka: KafkaBroker) -> N
     local_broker_pid()
     topic = await _new_topic(kafka, "fault-broker-restart")
     async with open_emulator(FAST) as emulator:
-        settings = worker_settings(kafka, emulator, topic, SYMBOL=SYMBOLS)
+        # A restart (stop, start, unfencing) can take longer than the tests' short default.
+        settings = worker_settings(
+            kafka, emulator, topic, SYMBOL=SYMBOLS, KAFKA_DELIVERY_TIMEOUT="120"
+        )
         async with running_worker(settings) as worker:
             await worker.wait_written(10)
             await trio.to_thread.run_sync(run_broker_script, "down")

@@ -93,6 +93,8 @@ class Hub:
         self.connections: dict[int, Connection] = {}
         self.changed = Signal()
         self.handshakes = 0
+        # Market-stream and replay handshakes only: the WebSocket API's are not reconnects.
+        self.stream_handshakes = 0
         self.refused = 0
         self._ids = itertools.count(1)
         # (status, Retry-After seconds, how many more handshakes to refuse)
@@ -178,6 +180,7 @@ class Connection:
             if await self._handshake():
                 self.hub.connections[self.id] = self
                 self.hub.handshakes += 1
+                self.hub.stream_handshakes += self.kind != "api"
                 self.hub.changed.notify()
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery

@@ -129,6 +129,11 @@ class Emulator:
         return self._hub.handshakes
 
     @property
+    def stream_handshakes(self) -> int:
+        """Handshakes of market-stream and replay connections (not the WebSocket API's)."""
+        return self._hub.stream_handshakes
+
+    @property
     def refused(self) -> int:
         """Handshakes refused by :meth:`refuse_handshakes` so far."""
         return self._hub.refused
