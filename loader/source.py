@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # trio-websocket closes the connection past this; smaller odd frames are skipped and counted.
 HARD_FRAME_LIMIT: Final = 4 * 1024 * 1024
 BACKFILL_ATTEMPTS: Final = 3
+PING_TIMEOUT: Final = 5.0
 
 Stream = tuple[str, str]  # (SYMBOL, interval)
 
@@ -62,18 +63,18 @@ class Backoff:
         self.attempt = 0
         self._recent: collections.deque[float] = collections.deque(maxlen=per_minute)
 
-    def delay(self, at_least: float = 0.0) -> float:
-        """Seconds to wait before the next attempt."""
+    async def turn(self) -> None:
+        """Wait until one more attempt fits in the per-minute budget, and take it: this holds
+        for reconnects after a healthy connection died, too, not only after failures."""
+        if len(self._recent) == self._recent.maxlen:
+            await trio.sleep_until(self._recent[0] + 60.0)
+        self._recent.append(trio.current_time())
+
+    def failed(self, at_least: float = 0.0) -> float:
+        """Seconds to wait after a failed attempt (at least `at_least`, e.g. Retry-After)."""
         jittered = min(self.cap, self.base * 2.0**self.attempt) * self.rng()
         self.attempt += 1
-        now = trio.current_time()
-        window = 0.0
-        if len(self._recent) == self._recent.maxlen:
-            window = self._recent[0] + 60.0 - now
-        return max(jittered, at_least, window, 0.0)
-
-    def attempted(self) -> None:
-        self._recent.append(trio.current_time())
+        return max(jittered, at_least)
 
     def reset(self) -> None:
         self.attempt = 0
@@ -169,7 +170,7 @@ class Source:
         """Open a connection, retrying with backoff; a 429/418 waits at least its Retry-After."""
         retry_after = 0.0
         while True:
-            self.backoff.attempted()
+            await self.backoff.turn()
             try:
                 conn: Connection = await nursery.start(self._connection, events.clone())
             except trio_websocket.ConnectionRejected as exc:
@@ -180,7 +181,7 @@ class Source:
             else:
                 return conn
             self.stats.reconnects[reason] += 1
-            delay = self.backoff.delay(at_least=retry_after)
+            delay = self.backoff.failed(at_least=retry_after)
             log.warning("cannot connect to Binance (%s); retrying in %.1f s", reason, delay)
             await trio.sleep(delay)
 
@@ -205,7 +206,7 @@ class Source:
                     log.info("connected to Binance (connection %d)", conn.number)
                     task_status.started(conn)
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._watch, conn)
+                        nursery.start_soon(self._watch, ws, conn)
                         try:
                             await self._read(ws, conn, events)
                         except trio_websocket.ConnectionClosed as exc:
@@ -252,8 +253,13 @@ class Source:
                 continue
             await events.send((conn, event))
 
-    async def _watch(self, conn: Connection) -> None:
-        """Retire a connection that went silent, or that reached its lifetime."""
+    async def _watch(self, ws: trio_websocket.WebSocketConnection, conn: Connection) -> None:
+        """Retire a connection that is dead, or that reached its lifetime.
+
+        Silence alone is not death: a quiet symbol sends nothing until it trades, and Binance
+        does not always ping on time. After `stall_timeout` of silence a ping of our own
+        decides: answered, the connection lives on; not answered in time, it is replaced.
+        """
         timeout = self.settings.stall_timeout
         retire_at = conn.connected_at + self.settings.rotate_after
         while True:
@@ -264,8 +270,15 @@ class Source:
                 conn.retire_for("lifetime")
                 retire_at = math.inf
             if conn.reading and now - conn.idle_since > timeout:
+                with trio.move_on_after(min(timeout, PING_TIMEOUT)):
+                    try:
+                        await ws.ping()
+                    except trio_websocket.ConnectionClosed:
+                        return  # the reader sees it too, and retires the connection
+                    conn.idle_since = trio.current_time()
+                    continue
                 self.stats.reconnects["stalled"] += 1
-                log.warning("no frame from Binance for %.1f s; reconnecting", timeout)
+                log.warning("Binance went silent and did not answer a ping; reconnecting")
                 conn.retire_for("stalled", dead=True)
                 return
 

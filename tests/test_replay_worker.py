@@ -156,3 +156,25 @@ async def test_published_candles_equal_the_recorded_klines(
     assert {c["symbol"] for c in published} <= set(symbols)
     assert published == expected
     assert exact(published) == exact(expected)
+
+
+async def test_a_quiet_stream_that_answers_pings_is_kept(kafka: KafkaBroker) -> None:
+    """Real quiet symbols send nothing between trades: after its last frame the replayed
+    session stays silent but answers pings, and silence alone must not cost a reconnect."""
+    recording = RECORDINGS["binance-us-combined-2021-10-11"]
+    topic = await trio.to_thread.run_sync(kafka.new_topic, "quiet-stream")
+    # The market knows OMGBUSD, so the history API confirms the silent symbol is real.
+    config = EmulatorConfig(
+        recordings=(recording,), replay_speed=None, symbols=("BTCUSDT", "OMGBUSD")
+    )
+    async with open_emulator(config) as emulator:
+        env = worker_env(kafka, emulator, topic, SYMBOL="OMGBUSD", STALL_TIMEOUT="0.3")
+        async with running_worker(load_settings(env)) as worker:
+            await worker.wait_written(1)
+            # The silence under test: ten stall timeouts without a single frame.
+            await trio.sleep(3.0)
+            worker.stop()
+            outcome = await worker.finished()
+        assert emulator.stream_handshakes == 1
+    assert (outcome.status, outcome.records_written) == ("interrupted", 1)
+    assert sum(worker.stats.reconnects.values()) == 0
