@@ -29,6 +29,7 @@ from loader.binance import (
     KlineEvent,
     ServerShutdown,
     next_open_time,
+    stream_name,
     stream_path,
     to_candle,
 )
@@ -329,14 +330,15 @@ class Source:
         """Publish the closed candles between the last published one and `k`, oldest first."""
         start = guard.next_open
         floor = k.open_time - int(self.settings.backfill_window * 1000)
+        fields = {"stream": stream_name(k.symbol, k.interval), "gap_start": start}
         if start < floor:
-            log.warning(
-                "%s %s: gap reaches back beyond BACKFILL_WINDOW; filling from %d, not %d",
-                k.symbol, k.interval, floor, start,
-            )  # fmt: skip
+            log.warning("gap reaches back beyond BACKFILL_WINDOW; filling from %d", floor,
+                        extra=fields)  # fmt: skip
             start = floor
         missing = await self._fetch(k.symbol, k.interval, start, k.open_time - 1)
-        log.info("%s %s: backfilled %d closed candles", k.symbol, k.interval, len(missing))
+        log.info(
+            "backfilled %d closed candles", len(missing), extra=fields | {"gap_end": k.open_time}
+        )
         for kline in missing:
             if kline.open_time <= guard.last_closed:
                 continue
