@@ -145,3 +145,8 @@ run: sync
         export KAFKA_BOOTSTRAP_SERVERS=$LOADER_TEST_KAFKA_BOOTSTRAP
     fi
     exec uv run python -m loader.testing.demo
+
+# Benchmark end to end, a few minutes; writes docs/benchmarks.md and docs/freshness.png (args: --no-docs --window 5 ...).
+[positional-arguments]
+bench *args: sync
+    BENCH_COMMAND="just bench $*" uv run python -m bench.run "$@"

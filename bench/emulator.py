@@ -1,0 +1,95 @@
+"""The emulator as the benchmark's own process, steerable over stdin.
+
+``python -m loader.testing.emulator`` cannot hand out ``send_times`` nor change the firehose
+rate of a running process, so this wraps ``serve_emulator`` (the public API) in a process
+that prints its URL when ready and then obeys one command per stdin line:
+
+    rate 1000            firehose frames/s in total from now on (``max``: as fast as read)
+    dump /path/to.json   write send_times as [[stream, open_time, time_ns], ...]; "dumped N"
+    sent                 "sent N": kline frames emitted so far
+
+EOF on stdin (the orchestrator going away) or SIGTERM ends it.
+
+    python -m bench.emulator --synthetic 1000 --rate 5000 --record-send-times
+    python -m bench.emulator --clock        # the market clock (Binance's pace), for idling
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+import msgspec
+import trio
+
+from loader.testing import DEFAULT_SYMBOLS, EmulatorConfig, FirehoseConfig, serve_emulator
+from loader.testing.server import Emulator
+
+
+def _rate(text: str) -> float | None:
+    return None if text == "max" else float(text)
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--synthetic", type=int, default=1000, help="SYM0USDT..SYM<N-1>USDT")
+    p.add_argument("--rate", type=_rate, default=None, help="firehose frames/s, or 'max'")
+    p.add_argument("--close-ratio", type=float, default=1.0, help="share of closing frames")
+    p.add_argument("--record-send-times", action="store_true", help="keep send_times")
+    p.add_argument("--clock", action="store_true", help="market clock (speed 1), no firehose")
+    return p.parse_args()
+
+
+def _config(args: argparse.Namespace) -> EmulatorConfig:
+    if args.clock:
+        return EmulatorConfig(symbols=DEFAULT_SYMBOLS)
+    return EmulatorConfig(
+        symbols=tuple(f"SYM{i}USDT" for i in range(args.synthetic)),
+        firehose=FirehoseConfig(
+            rate=args.rate,
+            close_ratio=args.close_ratio,
+            record_send_times=args.record_send_times,
+        ),
+    )
+
+
+def _obey(emulator: Emulator, line: str) -> str | None:
+    command, _, arg = line.strip().partition(" ")
+    if command == "rate":
+        emulator.set_firehose_rate(_rate(arg))
+        return None
+    if command == "dump":
+        rows = [(stream, open_time, ns) for (stream, open_time), ns in emulator.send_times.items()]
+        with open(arg, "wb") as out:
+            out.write(msgspec.json.encode(rows))
+        return f"dumped {len(rows)}"
+    if command == "sent":
+        return f"sent {emulator.frames_sent}"
+    return f"error unknown command {line.strip()!r}"
+
+
+async def _main(config: EmulatorConfig) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            emulator: Emulator = await nursery.start(serve_emulator, config)
+            print(emulator.url, flush=True)
+
+            async def on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_signal)
+            while line := await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True):
+                if (answer := _obey(emulator, line)) is not None:
+                    print(answer, flush=True)
+            nursery.cancel_scope.cancel()
+
+
+def main() -> int:
+    trio.run(_main, _config(_args()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

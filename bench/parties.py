@@ -1,0 +1,130 @@
+"""The benchmark's parties as processes: emulator, consumer and worker, with their protocols."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from bench.kafka_tools import Kafka, Topics
+from bench.procs import Child, Procs
+from bench.results import Lifecycle
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+
+
+def symbols(streams: int) -> list[str]:
+    return [f"SYM{i}USDT" for i in range(streams)]
+
+
+def combined_url(base: str, streams: int) -> str:
+    names = "/".join(f"{s.lower()}@kline_1m" for s in symbols(streams))
+    return f"{base}/stream?streams={names}"
+
+
+class Emulator:
+    """``bench.emulator`` in its own process."""
+
+    def __init__(self, procs: Procs, name: str, *args: str) -> None:
+        self.child = procs.python(name, "bench.emulator", *args, talk=True)
+        self.url = self.child.readline(START_TIMEOUT)
+        if not self.url.startswith("ws://"):
+            raise RuntimeError(f"{name} did not start: {self.url!r}")
+
+    def rate(self, rate: float | str) -> None:
+        self.child.send(f"rate {rate}")
+
+    def send_times(self, path: Path) -> dict[tuple[str, int], int]:
+        """Every closing frame's send time, keyed by (stream name, open time)."""
+        self.child.send(f"dump {path}")
+        self.child.expect("dumped", 60)
+        rows = msgspec.json.decode(path.read_bytes(), type=list[tuple[str, int, int]])
+        return {(stream, open_time): ns for stream, open_time, ns in rows}
+
+    def end(self) -> None:
+        self.child.end()
+
+
+class Consumer:
+    """``bench.consumer`` in its own process, positioned on ``topic`` before it returns."""
+
+    def __init__(self, procs: Procs, name: str, mode: str, bootstrap: str, topic: str) -> None:
+        self.out = procs.logs / f"{name}.json"
+        self.child = procs.python(
+            name, "bench.consumer", mode, "--bootstrap", bootstrap, "--topic", topic,
+            "--out", str(self.out), talk=True,
+        )  # fmt: skip
+        self.child.expect("ready", START_TIMEOUT)
+
+    def first(self, timeout: float = START_TIMEOUT) -> int:
+        """time_ns at which the consumer first saw a record."""
+        return int(self.child.expect("first", timeout))
+
+    def finish(self) -> list[Any]:
+        """Read to the end offsets of now, then the rows (see ``bench.consumer``)."""
+        self.child.send("finish")
+        self.child.expect("done", 120)
+        self.child.end()
+        rows: list[Any] = msgspec.json.decode(self.out.read_bytes())
+        return rows
+
+
+class Worker:
+    """``python -m loader`` in its own process, on fresh topics."""
+
+    def __init__(
+        self,
+        procs: Procs,
+        kafka: Kafka,
+        label: str,
+        emulator_url: str,
+        streams: list[str],
+        topics: Topics,
+    ) -> None:
+        self.kafka = kafka
+        self.topics = topics
+        env = {
+            "QUEUE_ID": topics.queue_id,
+            "SYMBOL": ",".join(streams),
+            "INTERVAL": "1m",
+            "KAFKA_TOPIC": topics.candles,
+            "TELEMETRY_PRODUCER_ID": "bench",
+            "KAFKA_BOOTSTRAP_SERVERS": kafka.broker.bootstrap,
+            "BINANCE_WS_URL": f"{emulator_url}/ws",
+            "BINANCE_API_URL": f"{emulator_url}/ws-api/v3",
+            "QUEUE_CONTROL_TOPIC": topics.control,
+            "QUEUE_EVENTS_TOPIC": topics.events,
+            "LOG_FORMAT": "json",
+        }
+        self.child: Child = procs.python(f"worker-{label}", "loader", env=env)
+        self.result = Lifecycle(label=label, spawned_ns=self.child.spawned_ns)
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def stop(self) -> Lifecycle:
+        """Produce the stop command, time the exit, and check everything was delivered."""
+        r = self.result
+        r.stop_sent_ns, r.stop_acked_ns = self.kafka.send_stop(self.topics)
+        r.exit_code, r.exited_ns = self.child.wait_exit(STOP_TIMEOUT)
+        events = self.kafka.events(self.topics)
+        started = [e for e in events if e.status == "started"]
+        if started:
+            r.started_ns = int(started[0].timestamp * 1e9)
+        if events:
+            r.final_status = events[-1].status
+            r.records_written = events[-1].records_written
+        r.records_in_kafka = self.kafka.count(self.topics.candles)
+        return r
+
+    def wait_started(self, timeout: float = START_TIMEOUT) -> None:
+        self.kafka.wait_event(self.topics, "started", timeout)
+
+
+def settle(seconds: float) -> None:
+    """Let a run reach its steady state (or let a window pass)."""
+    time.sleep(seconds)

@@ -1,0 +1,181 @@
+"""What a benchmark run measured: plain structs, saved as JSON beside the logs and read by
+``bench.report``. Times are seconds unless a name says otherwise; ``*_ns`` are wall clock."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+
+class Lifecycle(msgspec.Struct, kw_only=True):
+    """One worker process from spawn to exit."""
+
+    label: str
+    spawned_ns: int
+    started_ns: int | None = None  # `started` telemetry's own timestamp
+    first_ns: int | None = None  # the consumer first saw a candle in Kafka
+    stop_sent_ns: int = 0
+    stop_acked_ns: int = 0
+    exited_ns: int = 0
+    exit_code: int | None = None
+    final_status: str = ""
+    records_written: int = -1  # as the terminal telemetry says
+    records_in_kafka: int = -2
+
+    @property
+    def to_started(self) -> float | None:
+        return None if self.started_ns is None else (self.started_ns - self.spawned_ns) / 1e9
+
+    @property
+    def to_first(self) -> float | None:
+        return None if self.first_ns is None else (self.first_ns - self.spawned_ns) / 1e9
+
+    @property
+    def stop(self) -> float:
+        return (self.exited_ns - self.stop_sent_ns) / 1e9
+
+    @property
+    def delivered(self) -> bool:
+        """Exit 0, `interrupted`, and Kafka holds exactly what telemetry says was written."""
+        return (
+            self.exit_code == 0
+            and self.final_status == "interrupted"
+            and self.records_written == self.records_in_kafka
+        )
+
+
+class Phase(msgspec.Struct, kw_only=True):
+    """Freshness at one firehose rate: every closing frame sent in the window, matched."""
+
+    rate: float
+    window: float
+    sent: int  # closing frames the emulator sent in the window
+    latencies_ms: list[float]  # of those the consumer read, send -> read, in send order
+    sent_at: list[float]  # their send times, seconds from the window's start
+    # Of the same candles, emulator send -> the record's CreateTime (ms resolution): the time
+    # until the worker's producer.send(); the rest is kafka-python, the broker, the consumer.
+    to_send_ms: list[float]
+    worker_cpu: float  # CPU seconds in the window: the worker's,
+    consumer_cpu: float  # the consumer's,
+    emulator_cpu: float  # the emulator's,
+    broker_cpu: float  # the broker's,
+    machine_cpu: float  # and the whole machine's (at most cores x window)
+
+    @property
+    def missing(self) -> int:
+        return self.sent - len(self.latencies_ms)
+
+    @property
+    def cpu_us_per_candle(self) -> float:
+        return self.worker_cpu / max(1, self.sent) * 1e6
+
+    def percentile(self, p: float) -> float:
+        return percentile(self.latencies_ms, p)
+
+    @property
+    def after_send_ms(self) -> list[float]:
+        """CreateTime -> consumer read, per candle."""
+        return [
+            total - before for total, before in zip(self.latencies_ms, self.to_send_ms, strict=True)
+        ]
+
+
+class Throughput(msgspec.Struct, kw_only=True):
+    """The worker at the firehose's full speed: end offsets over a steady window."""
+
+    streams: int
+    window: float
+    records: int  # end-offset growth over the window
+    worker_cpu: float
+    emulator_cpu: float
+    broker_cpu: float
+    machine_cpu: float  # busy CPU seconds of the whole machine (2 cores: at most 2 x window)
+    rss_kib: int
+    hwm_kib: int
+
+    @property
+    def rate(self) -> float:
+        return self.records / self.window
+
+    @property
+    def others_cpu(self) -> float:
+        """CPU seconds the rest of the machine used in the window (other people's work)."""
+        return self.machine_cpu - self.worker_cpu - self.emulator_cpu - self.broker_cpu
+
+    @property
+    def cpu_us_per_candle(self) -> float:
+        return self.worker_cpu / max(1, self.records) * 1e6
+
+
+class Baseline(msgspec.Struct, kw_only=True):
+    count: int
+    seconds: float
+    cpu: float
+    value_bytes: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds
+
+    @property
+    def cpu_us(self) -> float:
+        return self.cpu / max(1, self.count) * 1e6
+
+
+class Idle(msgspec.Struct, kw_only=True):
+    rss_kib: int
+    hwm_kib: int
+    cpu_share: float  # CPU seconds per second while idle
+
+
+class Machine(msgspec.Struct, kw_only=True):
+    cores: int
+    cpu_model: str
+    memory_gib: float
+    kernel: str
+    python: str
+    kafka_python: str
+    trio: str
+    trio_websocket: str
+    msgspec: str
+    crc32c: str
+    kafka: str
+    load_before: tuple[float, float, float]
+
+
+class Profile(msgspec.Struct, kw_only=True):
+    """py-spy samples of the worker under full load, summarised."""
+
+    seconds: float
+    rate: int  # samples per second asked of py-spy
+    samples: int  # taken while some thread held the GIL
+    by_thread: list[tuple[str, int]]
+    stages: list[tuple[str, int]]  # the worker's pipeline stages (bench.profile.STAGES)
+    inclusive: list[tuple[str, int]]  # samples with the function anywhere on the stack
+    top_self: list[tuple[str, int]]  # samples with the function innermost
+    raw: str  # path of the raw collapsed stacks
+
+
+class Run(msgspec.Struct, kw_only=True):
+    command: str
+    started: str  # ISO 8601, UTC
+    seconds: float  # the whole benchmark's wall time
+    machine: Machine
+    settings: dict[str, str | int | float]
+    ws: Baseline
+    kafka: Baseline
+    throughput: Throughput
+    phases: list[Phase]
+    idle: Idle
+    lifecycles: list[Lifecycle]
+    profile: Profile | None = None
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (``p`` in 0..100) of unsorted values; NaN when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]

@@ -1,0 +1,177 @@
+"""``just bench``: the worker end to end, against the emulator and the real local Kafka.
+
+Starts the local broker if needed (``kafka/broker.py up``), then, each party in a process of
+its own (emulator, worker, an independent consumer, the baselines):
+
+1. idle: one stream at Binance's pace — resident memory and CPU at rest, then a stop;
+2. freshness: one worker on ``--streams`` streams while the firehose steps through
+   ``--rates`` (all closing frames): emulator send -> consumer read, per candle;
+3. start/stop: ``--lifecycle-runs`` workers, spawn -> first candle in Kafka, stop command ->
+   exit, delivered count checked against the `interrupted` telemetry;
+4. the two baselines (bare trio-websocket reader, bare kafka-python producer), then the worker
+   at the firehose's full speed — throughput from end offsets, CPU per candle, memory — and,
+   with ``--profile``, py-spy samples of it.
+
+Prints the table, saves the raw results in ``--out`` and (unless ``--no-docs``) writes
+``docs/benchmarks.md`` and ``docs/freshness.png``. Every process it starts is ended, also on
+failure or Ctrl-C.
+
+    uv run python -m bench.run                 # what `just bench` runs
+    uv run python -m bench.run --window 5 --warmup 2 --lifecycle-runs 1 --no-docs   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shlex
+import signal
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+from types import FrameType
+
+import kafka.record.util as kafka_crc
+
+from bench import report
+from bench.kafka_tools import Broker, Kafka, local_broker
+from bench.parties import Emulator
+from bench.procs import REPO_ROOT, Procs
+from bench.results import Machine, Run
+from bench.scenarios import Bench, baselines, freshness, idle, lifecycles, save, throughput
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__.split("\n\n")[0].strip("`: ")
+    )
+    p.add_argument("--streams", type=int, default=1000, help="synthetic symbols, INTERVAL=1m")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds before each window")
+    p.add_argument("--window", type=float, default=12.0, help="seconds each window measures")
+    p.add_argument(
+        "--rates",
+        default="100,1000,5000",
+        help="freshness: firehose frames/s, comma-separated",
+    )
+    p.add_argument("--lifecycle-runs", type=int, default=3, help="start/stop repetitions")
+    p.add_argument("--lifecycle-rate", type=float, default=1000.0, help="their frames/s")
+    p.add_argument(
+        "--profile", type=float, default=8.0, help="seconds of py-spy at full load (0: none)"
+    )
+    p.add_argument("--out", type=Path, default=None, help="logs and raw data (.cache/bench/...)")
+    p.add_argument("--docs", type=Path, default=REPO_ROOT / "docs", help="where to write")
+    p.add_argument("--no-docs", action="store_true", help="print only; leave docs/ alone")
+    return p.parse_args(argv)
+
+
+def _machine(broker: Broker) -> Machine:
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    uname = os.uname()
+    # What kafka.record.util.calc_crc32c actually calls (bound as its default argument).
+    bound = kafka_crc.calc_crc32c.__defaults__[0]
+    crc = (
+        f"the `crc32c` C extension {version('crc32c')} (kafka.record.util.calc_crc32c)"
+        if kafka_crc.crc32c_c is not None and bound is kafka_crc.crc32c_c
+        else "pure Python: the `crc32c` package is not in use"
+    )
+    return Machine(
+        cores=os.cpu_count() or 0,
+        cpu_model=model,
+        memory_gib=round(mem_kib / 2**20, 1),
+        kernel=f"{uname.sysname} {uname.release} {uname.machine}",
+        python=sys.version.split()[0],
+        kafka_python=version("kafka-python"),
+        trio=version("trio"),
+        trio_websocket=version("trio-websocket"),
+        msgspec=version("msgspec"),
+        crc32c=crc,
+        kafka=broker.version,
+        load_before=os.getloadavg(),
+    )
+
+
+def _command(argv: list[str] | None) -> str:
+    """How this run was started, with the broker settings from the environment, if any."""
+    args = sys.argv[1:] if argv is None else argv
+    command = os.environ.get("BENCH_COMMAND", "").strip() or shlex.join(
+        ["uv", "run", "python", "-m", "bench.run", *args]
+    )
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items())
+           if k.startswith("LOADER_KAFKA_")]  # fmt: skip
+    return " ".join([*env, command])
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds through Procs, which ends every child
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    began = time.monotonic()
+    started = dt.datetime.now(dt.UTC)
+    out = args.out or REPO_ROOT / ".cache" / "bench" / started.strftime("%Y%m%dT%H%M%SZ")
+    out.mkdir(parents=True, exist_ok=True)
+    rates = [float(r) for r in args.rates.split(",")]
+    print(f"bench: starting the local Kafka broker if needed; logs and data in {out}", flush=True)
+    broker = local_broker()
+    machine = _machine(broker)
+    kafka = Kafka(broker)
+    try:
+        with Procs(out, pycache=REPO_ROOT / ".cache" / "bench" / "pycache") as procs:
+            bench = Bench(procs, kafka, args.streams, args.warmup, args.window, out)
+            idle_result, idle_life = idle(bench)
+            emulator = Emulator(procs, "emulator-paced", "--synthetic", str(args.streams),
+                                "--rate", str(rates[0]), "--record-send-times")  # fmt: skip
+            phases, fresh_life = freshness(bench, emulator, rates)
+            lives = lifecycles(bench, emulator, args.lifecycle_runs, args.lifecycle_rate)
+            emulator.end()
+            emulator = Emulator(procs, "emulator-max", "--synthetic", str(args.streams),
+                                "--rate", "max")  # fmt: skip
+            ws, kafka_base = baselines(bench, emulator)
+            tput, max_life, prof = throughput(bench, emulator, profile_seconds=args.profile)
+            emulator.end()
+    finally:
+        kafka.close()
+    run = Run(
+        command=_command(argv),
+        started=started.isoformat(timespec="seconds"),
+        seconds=time.monotonic() - began,
+        machine=machine,
+        settings={
+            "streams": args.streams,
+            "warmup": args.warmup,
+            "window": args.window,
+            "rates": args.rates,
+            "lifecycle_rate": args.lifecycle_rate,
+        },
+        ws=ws,
+        kafka=kafka_base,
+        throughput=tput,
+        phases=phases,
+        idle=idle_result,
+        lifecycles=[idle_life, *lives, fresh_life, max_life],
+        profile=prof,
+    )
+    save(out / "results.json", run)
+    print(report.table(run))
+    if not args.no_docs:
+        report.write(run, args.docs)
+        print(f"bench: wrote {args.docs / 'benchmarks.md'} and {args.docs / 'freshness.png'}")
+    print(f"bench: done in {run.seconds:.0f} s; raw data in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bench: interrupted; every process it started has been ended", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,231 @@
+"""The measurements, each a function of a ``Bench`` (processes, Kafka, durations)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from bench import profile
+from bench.kafka_tools import Kafka
+from bench.parties import Consumer, Emulator, Worker, combined_url, settle, symbols
+from bench.procs import Procs, system_cpu, usage
+from bench.results import Baseline, Idle, Lifecycle, Phase, Profile, Throughput
+
+
+@dataclass
+class Bench:
+    procs: Procs
+    kafka: Kafka
+    streams: int  # synthetic symbols on the combined connection, INTERVAL=1m
+    warmup: float  # seconds before each window
+    window: float  # seconds measured
+    out: Path  # logs and raw data of this run
+
+    def log(self, message: str) -> None:
+        print(f"bench: {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def baselines(bench: Bench, emulator: Emulator) -> tuple[Baseline, Baseline]:
+    """A bare trio-websocket reader on the firehose, then a bare kafka-python producer."""
+    timing = ["--warmup", str(bench.warmup), "--seconds", str(bench.window)]
+    url = combined_url(emulator.url, bench.streams)
+    bench.log(f"baseline: bare trio-websocket reader, {bench.streams} streams, firehose max")
+    ws = _baseline(bench, "baseline-ws", "ws", "--url", url, *timing)
+    topics = bench.kafka.topics("baseline")
+    bench.log("baseline: bare kafka-python producer (worker settings), acks=all, idempotent")
+    kafka = _baseline(
+        bench, "baseline-kafka", "kafka", "--bootstrap", bench.kafka.broker.bootstrap,
+        "--topic", topics.candles, "--streams", str(bench.streams), *timing,
+    )  # fmt: skip
+    return ws, kafka
+
+
+def _baseline(bench: Bench, name: str, *args: str) -> Baseline:
+    child = bench.procs.python(name, "bench.baselines", *args, talk=True)
+    line = child.readline(bench.warmup + bench.window + 120)
+    bench.procs.forget(child)
+    return msgspec.json.decode(line, type=Baseline)
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def throughput(
+    bench: Bench, emulator: Emulator, *, profile_seconds: float = 0.0
+) -> tuple[Throughput, Lifecycle, Profile | None]:
+    """The worker on the firehose at full speed; end offsets sampled by the consumer."""
+    kafka = bench.kafka
+    topics = kafka.topics("throughput")
+    offsets = Consumer(bench.procs, "consumer-throughput", "offsets", kafka.broker.bootstrap,
+                       topics.candles)  # fmt: skip
+    bench.log(f"throughput: worker on {bench.streams} streams, firehose max")
+    worker = Worker(bench.procs, kafka, "max-load", emulator.url, symbols(bench.streams), topics)
+    worker.result.first_ns = offsets.first()
+    settle(bench.warmup)
+    procs = {"worker": worker.pid, "emulator": emulator.child.pid, "broker": kafka.broker.pid}
+    before = {name: usage(pid) for name, pid in procs.items()}
+    machine0, w0 = system_cpu(), time.time_ns()
+    peak_rss = _watch_rss(worker.pid, bench.window)
+    after = {name: usage(pid) for name, pid in procs.items()}
+    machine1, w1 = system_cpu(), time.time_ns()
+    prof = None
+    if profile_seconds > 0:
+        bench.log(f"throughput: profiling the worker with py-spy for {profile_seconds:.0f} s")
+        try:
+            prof = profile.record(worker.pid, profile_seconds, bench.out / "worker-profile")
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            bench.log(f"throughput: no profile ({exc})")
+    bench.log("throughput: stop command under full load")
+    lifecycle = worker.stop()
+    samples = offsets.finish()
+    records = _interpolate(samples, w1) - _interpolate(samples, w0)
+    result = Throughput(
+        streams=bench.streams,
+        window=(w1 - w0) / 1e9,
+        records=round(records),
+        worker_cpu=after["worker"].cpu - before["worker"].cpu,
+        emulator_cpu=after["emulator"].cpu - before["emulator"].cpu,
+        broker_cpu=after["broker"].cpu - before["broker"].cpu,
+        machine_cpu=machine1 - machine0,
+        rss_kib=peak_rss,
+        hwm_kib=after["worker"].hwm_kib,
+    )
+    return result, lifecycle, prof
+
+
+def _watch_rss(pid: int, seconds: float) -> int:
+    """Sleep ``seconds``, sampling VmRSS every 0.25 s; the largest sample."""
+    peak = 0
+    steps = max(1, round(seconds / 0.25))
+    for _ in range(steps):
+        settle(seconds / steps)
+        peak = max(peak, usage(pid).rss_kib)
+    return peak
+
+
+def _interpolate(samples: list[Any], at_ns: int) -> float:
+    """End-offset total at ``at_ns``, linear between the two samples around it."""
+    prev = samples[0]
+    for sample in samples:
+        if sample[0] >= at_ns:
+            t0, n0 = prev
+            t1, n1 = sample
+            return float(n1) if t1 == t0 else n0 + (n1 - n0) * (at_ns - t0) / (t1 - t0)
+        prev = sample
+    return float(samples[-1][1])
+
+
+# --------------------------------------------------------------------------- freshness
+
+
+def freshness(
+    bench: Bench, emulator: Emulator, rates: list[float]
+) -> tuple[list[Phase], Lifecycle]:
+    """One worker, the firehose stepped through ``rates``; every candle timed end to end."""
+    kafka = bench.kafka
+    topics = kafka.topics("freshness")
+    consumer = Consumer(bench.procs, "consumer-freshness", "records", kafka.broker.bootstrap,
+                        topics.candles)  # fmt: skip
+    emulator.rate(rates[0])
+    worker = Worker(bench.procs, kafka, "freshness", emulator.url, symbols(bench.streams), topics)
+    worker.result.first_ns = consumer.first()
+    procs = {"worker": worker.pid, "consumer": consumer.child.pid,
+             "emulator": emulator.child.pid, "broker": kafka.broker.pid}  # fmt: skip
+    windows: list[tuple[float, int, int, dict[str, float]]] = []
+    for rate in rates:
+        bench.log(f"freshness: {rate:,.0f} frames/s, all closing")
+        emulator.rate(rate)
+        settle(bench.warmup)
+        before, machine0, w0 = _usages(procs), system_cpu(), time.time_ns()
+        settle(bench.window)
+        after, machine1, w1 = _usages(procs), system_cpu(), time.time_ns()
+        cpu = {name: after[name] - before[name] for name in procs}
+        windows.append((rate, w0, w1, cpu | {"machine": machine1 - machine0}))
+    # Back to a trickle so what the last window sent is through before the stop.
+    emulator.rate(rates[0])
+    settle(2.0)
+    lifecycle = worker.stop()
+    rows = consumer.finish()
+    sent = emulator.send_times(bench.out / "send-times.json")
+    seen: dict[tuple[str, int], tuple[int, int]] = {}
+    for key, open_time, recv_ns, create_ms in rows:
+        symbol, interval = key.rsplit("-", 1)
+        seen.setdefault((f"{symbol.lower()}@kline_{interval}", open_time), (recv_ns, create_ms))
+    phases = []
+    for rate, w0, w1, cpu in windows:
+        in_window = sorted((ns, k) for k, ns in sent.items() if w0 <= ns < w1)
+        timed = [(ns, seen[k]) for ns, k in in_window if k in seen]
+        phases.append(
+            Phase(
+                rate=rate,
+                window=(w1 - w0) / 1e9,
+                sent=len(in_window),
+                latencies_ms=[(recv - ns) / 1e6 for ns, (recv, _) in timed],
+                sent_at=[(ns - w0) / 1e9 for ns, _ in timed],
+                to_send_ms=[create - ns / 1e6 for ns, (_, create) in timed],
+                worker_cpu=cpu["worker"],
+                consumer_cpu=cpu["consumer"],
+                emulator_cpu=cpu["emulator"],
+                broker_cpu=cpu["broker"],
+                machine_cpu=cpu["machine"],
+            )
+        )
+    return phases, lifecycle
+
+
+def _usages(pids: dict[str, int]) -> dict[str, float]:
+    return {name: usage(pid).cpu for name, pid in pids.items()}
+
+
+# --------------------------------------------------------------------------- start and stop
+
+
+def lifecycles(bench: Bench, emulator: Emulator, runs: int, rate: float) -> list[Lifecycle]:
+    """Start a worker, wait for its first candle in Kafka, run a while under load, stop it."""
+    emulator.rate(rate)
+    results = []
+    for i in range(1, runs + 1):
+        bench.log(f"start/stop {i}/{runs}: {bench.streams} streams, {rate:,.0f} frames/s")
+        topics = bench.kafka.topics("lifecycle")
+        consumer = Consumer(bench.procs, f"consumer-lifecycle-{i}", "records",
+                            bench.kafka.broker.bootstrap, topics.candles)  # fmt: skip
+        worker = Worker(bench.procs, bench.kafka, f"lifecycle-{i}", emulator.url,
+                        symbols(bench.streams), topics)  # fmt: skip
+        worker.result.first_ns = consumer.first()
+        settle(2.0)
+        results.append(worker.stop())
+        consumer.child.end()
+    return results
+
+
+def idle(bench: Bench) -> tuple[Idle, Lifecycle]:
+    """One stream at Binance's own pace (an update every 2 s): memory and CPU at rest."""
+    bench.log("idle: 1 stream (BTCUSDT 1m) at the market clock's pace")
+    emulator = Emulator(bench.procs, "emulator-idle", "--clock")
+    try:
+        topics = bench.kafka.topics("idle")
+        worker = Worker(bench.procs, bench.kafka, "idle", emulator.url, ["BTCUSDT"], topics)
+        worker.wait_started()
+        settle(bench.warmup)
+        u0 = usage(worker.pid)
+        settle(bench.window / 2)
+        u1 = usage(worker.pid)
+        result = Idle(
+            rss_kib=u1.rss_kib, hwm_kib=u1.hwm_kib, cpu_share=(u1.cpu - u0.cpu) / (u1.at - u0.at)
+        )
+        return result, worker.stop()
+    finally:
+        emulator.end()
+
+
+def save(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(msgspec.to_builtins(value), indent=1))
