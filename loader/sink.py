@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 import trio
 from kafka import KafkaProducer
+from kafka.partitioner.default import murmur2
 
 from loader.kafka import KafkaFailure, describe
 from loader.schema import Candle
@@ -79,6 +80,7 @@ class KafkaSink:
         self._acknowledged = trio.Event()
         self._unacked: collections.deque[Pending] = collections.deque()
         self._encode = msgspec.json.Encoder().encode
+        self._partitions: dict[bytes, int] = {}
 
     async def run(
         self,
@@ -126,15 +128,32 @@ class KafkaSink:
     def _send(self, batch: list[Candle], token: trio.lowlevel.TrioToken) -> Pending:
         # Worker thread. Registering the batch here, not in Trio, keeps it accounted for even
         # when the awaiting task is cancelled while this thread runs.
-        send, topic, encode = self.producer.send, self.topic, self._encode
+        send, topic, encode, partitions = (
+            self.producer.send,
+            self.topic,
+            self._encode,
+            self._partitions,
+        )
         try:
-            futures = [send(topic, value=encode(c), key=c.key) for c in batch]
+            futures = []
+            for c in batch:
+                key = c.key
+                partition = partitions.get(key)
+                if partition is None:
+                    partition = partitions[key] = self._partition_of(key)
+                futures.append(send(topic, value=encode(c), key=key, partition=partition))
         except Exception as exc:
             raise DeliveryFailed(f"cannot hand candles to Kafka: {describe(exc)}") from exc
         pending = Pending(futures, token)
         self._unacked.append(pending)
         self.stats.candles_handed += pending.count
         return pending
+
+    def _partition_of(self, key: bytes) -> int:
+        """kafka-python's default partitioner (murmur2, as Java's), once per stream: it costs
+        microseconds per record, and a stream stays on its partition even if more are added."""
+        partitions = sorted(self.producer.partitions_for(self.topic))
+        return int(partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)])
 
     async def _settle_in_order(self, in_flight: trio.MemoryReceiveChannel[Pending]) -> None:
         async with in_flight:

@@ -1,10 +1,12 @@
 """The Binance source: kline frames off the WebSocket, candles into the channel, without gaps.
 
-Layout: each connection has a reader task that only decodes frames and hands them on, so
-trio-websocket's own reader keeps answering Binance's pings; a single publisher task applies
-each stream's order guard and fills gaps from the history API; a supervisor replaces
-connections that die, stall, reach their lifetime or announce a server shutdown, opening the
-new one before closing the old. Overlap is harmless: the guard drops what was already published.
+Layout: the current connection's reader task decodes each frame and publishes it itself (no
+hop through another task: the hot path is one task), applying each stream's order guard and
+filling gaps from the history API; trio-websocket's own reader task answers Binance's pings
+meanwhile. A supervisor replaces connections that die, stall, reach their lifetime or
+announce a server shutdown, opening the new one before closing the old: until it is promoted
+the new one only buffers, so exactly one task publishes at a time, and the guard drops what
+the overlap repeats.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import trio_websocket
 
 from loader.binance import (
     BadFrame,
-    Event,
     FrameDecoder,
     Kline,
     KlineEvent,
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 HARD_FRAME_LIMIT: Final = 4 * 1024 * 1024
 BACKFILL_ATTEMPTS: Final = 3
 PING_TIMEOUT: Final = 5.0
+# A replacement's frames buffered before its switch; more (a slow switch) are shed, and the
+# gap they leave is filled from history.
+PENDING_LIMIT: Final = 10_000
 
 Stream = tuple[str, str]  # (SYMBOL, interval)
 
@@ -105,6 +109,8 @@ class Connection:
         self.reading = False
         self.idle_since = self.connected_at
         self.first_frame = trio.Event()
+        # Frames a replacement reads before it is promoted to publish them.
+        self.pending: collections.deque[KlineEvent] = collections.deque(maxlen=PENDING_LIMIT)
         self.retire = trio.Event()
         self.reason = ""
         self.dead = False
@@ -142,38 +148,38 @@ class Source:
         self.bad = ThrottledLog(log)
         self.valid_symbols: set[str] = set()
         self._numbers = itertools.count(1)
+        self.current: Connection | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, report ready, and keep a live connection until cancelled."""
-        events_in, events_out = trio.open_memory_channel[tuple[Connection, Event]](1024)
         async with self.candles, trio.open_nursery() as nursery:
-            nursery.start_soon(self._publish, events_out)
-            current = await self._connect(nursery, events_in)
+            self.current = await self._connect(nursery)
             task_status.started()
             nursery.start_soon(self._watch_symbols)
             while True:
-                await current.retire.wait()
-                if current.dead:
-                    current.scope.cancel()
-                    current = await self._connect(nursery, events_in)
+                old = self.current
+                await old.retire.wait()
+                if old.dead:
+                    old.scope.cancel()
+                    # Nothing to overlap with: the next connection publishes at once.
+                    self.current = None
+                    self.current = await self._connect(nursery)
                     continue
-                # Rotation: the old connection keeps delivering until the new one does.
-                log.info("rotating the Binance connection (%s)", current.reason)
-                replacement = await self._connect(nursery, events_in)
+                # Rotation: the old connection keeps publishing until the new one delivers.
+                log.info("rotating the Binance connection (%s)", old.reason)
+                replacement = await self._connect(nursery)
                 with trio.move_on_after(self.settings.stall_timeout):
                     await replacement.first_frame.wait()
-                current.scope.cancel()
-                current = replacement
+                self.current = replacement
+                old.scope.cancel()
 
-    async def _connect(
-        self, nursery: trio.Nursery, events: trio.MemorySendChannel[tuple[Connection, Event]]
-    ) -> Connection:
+    async def _connect(self, nursery: trio.Nursery) -> Connection:
         """Open a connection, retrying with backoff; a 429/418 waits at least its Retry-After."""
         retry_after = 0.0
         while True:
             await self.backoff.turn()
             try:
-                conn: Connection = await nursery.start(self._connection, events.clone())
+                conn: Connection = await nursery.start(self._connection)
             except trio_websocket.ConnectionRejected as exc:
                 retry_after = _retry_after(exc)
                 reason = f"rejected_{exc.status_code}"
@@ -187,41 +193,34 @@ class Source:
             await trio.sleep(delay)
 
     async def _connection(
-        self,
-        events: trio.MemorySendChannel[tuple[Connection, Event]],
-        *,
-        task_status: trio.TaskStatus[Connection] = trio.TASK_STATUS_IGNORED,
+        self, *, task_status: trio.TaskStatus[Connection] = trio.TASK_STATUS_IGNORED
     ) -> None:
         conn = Connection(next(self._numbers))
-        async with events:
-            with conn.scope:
-                async with trio_websocket.open_websocket_url(
-                    self.url,
-                    message_queue_size=256,
-                    max_message_size=HARD_FRAME_LIMIT,
-                    receive_buffer_size=64 * 1024,
-                    connect_timeout=10,
-                    disconnect_timeout=2,
-                ) as ws:
-                    conn.connected_at = trio.current_time()
-                    log.info("connected to Binance (connection %d)", conn.number)
-                    task_status.started(conn)
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._watch, ws, conn)
-                        try:
-                            await self._read(ws, conn, events)
-                        except trio_websocket.ConnectionClosed as exc:
-                            self.stats.reconnects["closed"] += 1
-                            log.warning("Binance closed connection %d: %s", conn.number, exc)
-                        conn.retire_for("closed", dead=True)
-                        nursery.cancel_scope.cancel()
+        with conn.scope:
+            async with trio_websocket.open_websocket_url(
+                self.url,
+                message_queue_size=256,
+                max_message_size=HARD_FRAME_LIMIT,
+                receive_buffer_size=64 * 1024,
+                connect_timeout=10,
+                disconnect_timeout=2,
+            ) as ws:
+                conn.connected_at = trio.current_time()
+                if self.current is None:
+                    self.current = conn
+                log.info("connected to Binance (connection %d)", conn.number)
+                task_status.started(conn)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch, ws, conn)
+                    try:
+                        await self._read(ws, conn)
+                    except trio_websocket.ConnectionClosed as exc:
+                        self.stats.reconnects["closed"] += 1
+                        log.warning("Binance closed connection %d: %s", conn.number, exc)
+                    conn.retire_for("closed", dead=True)
+                    nursery.cancel_scope.cancel()
 
-    async def _read(
-        self,
-        ws: trio_websocket.WebSocketConnection,
-        conn: Connection,
-        events: trio.MemorySendChannel[tuple[Connection, Event]],
-    ) -> None:
+    async def _read(self, ws: trio_websocket.WebSocketConnection, conn: Connection) -> None:
         decode, stats, guards = self.decoder.decode, self.stats, self.guards
         all_candles = self.settings.all_candles
         while True:
@@ -238,21 +237,23 @@ class Source:
             if not conn.first_frame.is_set():
                 conn.first_frame.set()
                 self.backoff.reset()
-            if isinstance(event, KlineEvent) and not event.kline.is_closed:
-                k = event.kline
+            if isinstance(event, ServerShutdown):
+                self.stats.reconnects["server_shutdown"] += 1
+                conn.retire_for("server shutdown")
+                continue
+            k = event.kline
+            if not k.is_closed:
                 guard = guards.get((k.symbol, k.interval))
                 if guard is not None:
                     guard.seen = conn.idle_since
                 if not all_candles:
                     continue
-                # An update is superseded by the next one: under backpressure it is shed, so
-                # this loop keeps reading and trio-websocket keeps answering pings.
-                try:
-                    events.send_nowait((conn, event))
-                except trio.WouldBlock:
-                    stats.updates_shed += 1
+            if conn is not self.current:
+                conn.pending.append(event)
                 continue
-            await events.send((conn, event))
+            while conn.pending:
+                await self.kline(conn.pending.popleft())
+            await self.kline(event)
 
     async def _watch(self, ws: trio_websocket.WebSocketConnection, conn: Connection) -> None:
         """Retire a connection that is dead, or that reached its lifetime.
@@ -283,14 +284,6 @@ class Source:
                 conn.retire_for("stalled", dead=True)
                 return
 
-    async def _publish(self, events: trio.MemoryReceiveChannel[tuple[Connection, Event]]) -> None:
-        async for conn, event in events:
-            if isinstance(event, ServerShutdown):
-                self.stats.reconnects["server_shutdown"] += 1
-                conn.retire_for("server shutdown")
-                continue
-            await self.kline(event)
-
     async def kline(self, event: KlineEvent) -> None:
         """Publish one kline event if it moves its stream forward, filling any gap first."""
         k = event.kline
@@ -316,14 +309,24 @@ class Source:
         except BadFrame as bad:
             self.skip(bad.kind, str(bad))
             return
+        # The guard moves only once the candle is in the channel: a send cancelled by a
+        # rotation leaves it to the replacement connection (or the backfill).
         if k.is_closed:
-            guard.last_closed, guard.next_open = (
-                k.open_time,
-                next_open_time(k.open_time, k.interval),
-            )
+            try:
+                self.candles.send_nowait(candle)  # the usual case: no trip through the scheduler
+            except trio.WouldBlock:
+                await self.candles.send(candle)
+            guard.last_closed = k.open_time
+            guard.next_open = next_open_time(k.open_time, k.interval)
         else:
+            # An update is superseded by the next one: under backpressure it is shed, so the
+            # reader keeps reading and trio-websocket keeps answering pings.
+            try:
+                self.candles.send_nowait(candle)
+            except trio.WouldBlock:
+                self.stats.updates_shed += 1
+                return
             guard.last_update = event.event_time
-        await self.candles.send(candle)
         self.stats.candles_published += 1
 
     async def _backfill(self, guard: Guard, k: Kline) -> None:
@@ -342,10 +345,9 @@ class Source:
         for kline in missing:
             if kline.open_time <= guard.last_closed:
                 continue
-            candle = to_candle(kline, with_state=self.settings.all_candles)
+            await self.candles.send(to_candle(kline, with_state=self.settings.all_candles))
             guard.last_closed = kline.open_time
             guard.next_open = next_open_time(kline.open_time, kline.interval)
-            await self.candles.send(candle)
             self.stats.candles_published += 1
             self.stats.candles_backfilled += 1
 
