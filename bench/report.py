@@ -18,6 +18,7 @@ from pathlib import Path
 
 import msgspec
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from bench.results import Phase, Run, percentile
 
@@ -458,6 +459,9 @@ def plot(phases: list[Phase], path: Path) -> None:
                        label=f"{phase.rate:,.0f}/s")  # fmt: skip
     for ax in (cdf, tail):
         ax.set_xscale("log")
+        # Plain millisecond labels: log minor ticks would print "2x10^0" over each other.
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.axvline(FRESHNESS_P99_TARGET, color="grey", linestyle="--", linewidth=1)
         ax.set_xlabel("emulator send -> consumer read (ms, log scale)")
         ax.grid(True, which="both", alpha=0.3)
@@ -469,6 +473,8 @@ def plot(phases: list[Phase], path: Path) -> None:
     tail.set_title("Tail (dashed: the 10 ms p99 target)")
     tail.legend(loc="lower left", fontsize=8)
     series.set_yscale("log")
+    series.yaxis.set_major_formatter(ScalarFormatter())
+    series.yaxis.set_minor_formatter(NullFormatter())
     series.axhline(FRESHNESS_P99_TARGET, color="grey", linestyle="--", linewidth=1)
     series.set_xlabel("send time, s into the window")
     series.set_ylabel("ms (log scale)")
