@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaTimeoutError
 
 from loader.settings import KafkaSettings
 
@@ -98,7 +99,10 @@ def open_producer(kafka: KafkaSettings, *, delivery_timeout: float) -> KafkaProd
     """Blocking: connects (bootstrap) so a wrong address or password fails here, clearly."""
     with _failure_cause("producer", kafka):
         return KafkaProducer(
-            **client_config(kafka, timeout=min(delivery_timeout, 60.0)),
+            # kafka-python insists on delivery > linger + request timeout: retries fit in it.
+            **client_config(
+                kafka, timeout=min(delivery_timeout, 60.0), request_timeout=delivery_timeout / 2
+            ),
             acks="all",
             enable_idempotence=True,
             # Ordered per partition under retries, as the idempotent producer allows.
@@ -142,6 +146,13 @@ async def aclose(client: KafkaProducer | KafkaConsumer) -> None:
 
 def _close(client: KafkaProducer | KafkaConsumer) -> None:
     if isinstance(client, KafkaProducer):
-        client.close(timeout=CLOSE_TIMEOUT)
+        try:
+            client.close(timeout=CLOSE_TIMEOUT)
+        except KafkaTimeoutError:
+            # close() flushes first and, when Kafka is gone, gives up before stopping its
+            # sender thread (and would try again from __del__). What is unsent was already
+            # reported as not acknowledged: stop without the flush.
+            client.flush = lambda timeout=None: None
+            client.close(timeout=0)
     else:
         client.close(autocommit=False, timeout_ms=int(CLOSE_TIMEOUT * 1000))
