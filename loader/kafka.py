@@ -101,7 +101,9 @@ def open_producer(kafka: KafkaSettings, *, delivery_timeout: float) -> KafkaProd
         return KafkaProducer(
             # kafka-python insists on delivery > linger + request timeout: retries fit in it.
             **client_config(
-                kafka, timeout=min(delivery_timeout, 60.0), request_timeout=delivery_timeout / 2
+                kafka,
+                timeout=min(delivery_timeout, 60.0),
+                request_timeout=min(30.0, delivery_timeout / 2),
             ),
             acks="all",
             enable_idempotence=True,
