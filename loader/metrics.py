@@ -115,6 +115,7 @@ def _app(metrics: Metrics, health_timeout: float) -> Callable[..., Iterable[byte
             status = "200 OK" if ok else "503 Service Unavailable"
             start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
             return [reason.encode() + b"\n"]
+        # prometheus-client types its WSGI app loosely (Any); its result is the body.
         return prometheus(environ, start_response)  # type: ignore[no-any-return]
 
     return app

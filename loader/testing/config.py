@@ -78,6 +78,8 @@ class EmulatorConfig:
 
     def replace(self, **changes: object) -> EmulatorConfig:
         """A copy with some fields changed."""
+        # Field names and types are checked by dataclasses.replace at run time; **object
+        # cannot say which keyword takes which type.
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     def resolved_start_ms(self) -> int:

@@ -12,7 +12,7 @@ import itertools
 import socket
 import struct
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
@@ -522,9 +522,9 @@ class Connection:
 
     # -- closing and faults ---------------------------------------------------------------
 
-    def _start(self, fn: object, *args: object) -> None:
+    def _start(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         if self._nursery is not None and not self._dead:
-            self._nursery.start_soon(fn, *args)  # type: ignore[arg-type]
+            self._nursery.start_soon(fn, *args)
 
     def close(self, code: int, reason: str) -> None:
         """Send a close frame, wait (bounded) for the client's, then hang up."""
