@@ -45,7 +45,8 @@ async def _check(kafka: KafkaBroker, emulator: Emulator, topic: str, worker: Wor
     print(
         f"\n{len(published)} candles, exact; backfilled {worker.stats.candles_backfilled}, "
         f"reconnects {dict(worker.stats.reconnects)}, malformed {dict(worker.stats.malformed)}, "
-        f"duplicates dropped {worker.stats.duplicates_dropped}, handshakes {emulator.handshakes}"
+        f"duplicates dropped {worker.stats.duplicates_dropped}, "
+        f"stream handshakes {emulator.stream_handshakes}"
     )
     return len(published)
 
@@ -197,7 +198,7 @@ async def test_slow_kafka_keeps_the_websocket(kafka: KafkaBroker) -> None:
         for symbol in SYMBOLS.split(","):
             assert_matches_market(closed, emulator, symbol, "1m")
     assert worker.stats.updates_shed > 0
-    assert emulator.handshakes == 1
+    assert emulator.stream_handshakes == 1
     assert sum(worker.stats.reconnects.values()) == 0
 
 
