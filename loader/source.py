@@ -111,6 +111,8 @@ class Connection:
         self.first_frame = trio.Event()
         # Frames a replacement reads before it is promoted to publish them.
         self.pending: collections.deque[KlineEvent] = collections.deque(maxlen=PENDING_LIMIT)
+        # Set while a replacement waits for a frame, so promotion can interrupt the wait.
+        self.promotion: trio.CancelScope | None = None
         self.retire = trio.Event()
         self.reason = ""
         self.dead = False
@@ -171,6 +173,8 @@ class Source:
                 with trio.move_on_after(self.settings.stall_timeout):
                     await replacement.first_frame.wait()
                 self.current = replacement
+                if replacement.promotion is not None:
+                    replacement.promotion.cancel()
                 old.scope.cancel()
 
     async def _connect(self, nursery: trio.Nursery) -> Connection:
@@ -225,7 +229,13 @@ class Source:
         all_candles = self.settings.all_candles
         while True:
             conn.reading, conn.idle_since = True, trio.current_time()
-            frame = await ws.get_message()
+            if conn is self.current:
+                frame = await ws.get_message()
+            else:
+                received = await self._read_until_promoted(ws, conn)
+                if received is None:
+                    continue
+                frame = received
             conn.reading = False
             stats.frames_received += 1
             stats.last_frame_at = time.monotonic()
@@ -251,9 +261,27 @@ class Source:
             if conn is not self.current:
                 conn.pending.append(event)
                 continue
-            while conn.pending:
-                await self.kline(conn.pending.popleft())
+            await self._publish_pending(conn)
             await self.kline(event)
+
+    async def _read_until_promoted(
+        self, ws: trio_websocket.WebSocketConnection, conn: Connection
+    ) -> str | bytes | None:
+        """A replacement's read: promotion interrupts it (None), so what it buffered is
+        published at once rather than with the next frame, which a quiet stream may not send
+        for a long while. Receiving from trio-websocket's queue is safe to cancel."""
+        try:
+            with trio.CancelScope() as conn.promotion:
+                return await ws.get_message()
+        finally:
+            conn.promotion = None
+        conn.reading = False
+        await self._publish_pending(conn)
+        return None
+
+    async def _publish_pending(self, conn: Connection) -> None:
+        while conn.pending:
+            await self.kline(conn.pending.popleft())
 
     async def _watch(self, ws: trio_websocket.WebSocketConnection, conn: Connection) -> None:
         """Retire a connection that is dead, or that reached its lifetime.
