@@ -14,10 +14,10 @@ from typing import TypeVar
 
 import msgspec
 import trio
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 
-from loader.kafka import aclose, open_consumer
+from loader.kafka import aclose, offsets_since, open_consumer
 from loader.logs import ThrottledLog
 from loader.schema import ControlCommand
 from loader.settings import Settings
@@ -34,16 +34,12 @@ TOPIC_RETRY = 2.0
 
 def _assign(consumer: KafkaConsumer, topic: str, since_ms: int) -> bool:
     """Blocking: assign every partition of `topic`, positioned at `since_ms`."""
-    partitions = consumer.partitions_for_topic(topic)
-    if not partitions:
+    spans = offsets_since(consumer, topic, since_ms)
+    if not spans:
         return False
-    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-    consumer.assign(tps)
-    found = consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
-    ends = consumer.end_offsets(tps)
-    for tp in tps:
-        hit = found.get(tp)
-        consumer.seek(tp, hit.offset if hit is not None else ends[tp])
+    consumer.assign(list(spans))
+    for tp, (first, _end) in spans.items():
+        consumer.seek(tp, first)
     return True
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import trio
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaTimeoutError
 
 from loader.settings import KafkaSettings
@@ -135,6 +135,21 @@ def open_consumer(
             enable_auto_commit=False,
             metrics_enabled=False,
         )
+
+
+def offsets_since(
+    consumer: KafkaConsumer, topic: str, since_ms: int
+) -> dict[TopicPartition, tuple[int, int]]:
+    """Blocking: per partition of `topic`, the first offset at or after `since_ms` (the end,
+    when nothing is that recent) and the end offset; empty when the topic has no partitions."""
+    tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    if not tps:
+        return {}
+    ends = consumer.end_offsets(tps)
+    found = consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
+    return {
+        tp: (hit.offset if (hit := found.get(tp)) is not None else ends[tp], ends[tp]) for tp in tps
+    }
 
 
 async def aclose(client: KafkaProducer | KafkaConsumer) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 from kafka import KafkaConsumer, TopicPartition
 
-from loader.kafka import CLOSE_TIMEOUT, open_consumer
+from loader.kafka import CLOSE_TIMEOUT, offsets_since, open_consumer
 from loader.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,18 +34,9 @@ def last_closed(
     """Blocking: open time of the newest closed candle per key, for the keys found."""
     wanted = set(keys)
     found: dict[bytes, int] = {}
-    partitions = consumer.partitions_for_topic(topic) or set()
-    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-    if not tps:
-        return found
-    ends = consumer.end_offsets(tps)
-    starts = consumer.beginning_offsets(tps)
-    by_time = consumer.offsets_for_times(dict.fromkeys(tps, not_before_ms))
     decode = msgspec.json.Decoder(_Published).decode
-    for tp in tps:
-        hit = by_time.get(tp)
-        floor = max(starts[tp], hit.offset if hit is not None else ends[tp])
-        upper = ends[tp]
+    for tp, (floor, end) in offsets_since(consumer, topic, not_before_ms).items():
+        upper = end
         while upper > floor and not wanted <= found.keys():
             lower = max(floor, upper - CHUNK)
             for record in _read(consumer, tp, lower, upper):

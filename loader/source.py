@@ -52,6 +52,13 @@ PING_TIMEOUT: Final = 5.0
 PENDING_LIMIT: Final = 10_000
 
 Stream = tuple[str, str]  # (SYMBOL, interval)
+# What a history request raises when Binance cannot be asked (as opposed to answering no).
+HISTORY_UNREACHABLE: Final = (
+    trio_websocket.HandshakeError,
+    trio_websocket.ConnectionClosed,
+    OSError,
+    trio.TooSlowError,
+)
 
 
 class Backoff:
@@ -91,10 +98,17 @@ class Guard:
     __slots__ = ("last_closed", "last_update", "next_open", "seen")
 
     def __init__(self, last_closed: int = -1, interval: str = "1m") -> None:
-        self.last_closed = last_closed  # open time of the last closed candle published
-        self.next_open = next_open_time(last_closed, interval) if last_closed >= 0 else -1
+        self.last_closed = -1  # open time of the last closed candle published
+        self.next_open = -1  # when that candle's successor opens: a gap if a later one comes
         self.last_update = -1  # event time of the last in-progress update published
         self.seen = -math.inf  # trio time of the last frame for this stream
+        if last_closed >= 0:
+            self.closed(last_closed, interval)
+
+    def closed(self, open_time: int, interval: str) -> None:
+        """The closed candle opening at `open_time` is published (or already in Kafka)."""
+        self.last_closed = open_time
+        self.next_open = next_open_time(open_time, interval)
 
 
 class Connection:
@@ -344,8 +358,7 @@ class Source:
                 self.candles.send_nowait(candle)  # the usual case: no trip through the scheduler
             except trio.WouldBlock:
                 await self.candles.send(candle)
-            guard.last_closed = k.open_time
-            guard.next_open = next_open_time(k.open_time, k.interval)
+            guard.closed(k.open_time, k.interval)
         else:
             # An update is superseded by the next one: under backpressure it is shed, so the
             # reader keeps reading and trio-websocket keeps answering pings.
@@ -374,8 +387,7 @@ class Source:
             if kline.open_time <= guard.last_closed:
                 continue
             await self.candles.send(to_candle(kline, with_state=self.settings.all_candles))
-            guard.last_closed = kline.open_time
-            guard.next_open = next_open_time(kline.open_time, kline.interval)
+            guard.closed(kline.open_time, kline.interval)
             self.stats.candles_published += 1
             self.stats.candles_backfilled += 1
 
@@ -383,8 +395,7 @@ class Source:
         for attempt in range(1, BACKFILL_ATTEMPTS + 1):
             try:
                 return await self.history.closed_klines(symbol, interval, start, end)
-            except (HistoryError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
-                    OSError, trio.TooSlowError) as exc:  # fmt: skip
+            except (HistoryError, *HISTORY_UNREACHABLE) as exc:
                 if attempt == BACKFILL_ATTEMPTS:
                     # A gap that cannot be filled must not pass silently: the Job's retry
                     # resumes from the topic and tries again.
@@ -412,8 +423,7 @@ class Source:
                         f"Binance does not know symbol {symbol} ({exc.msg})", exit_code=2
                     ) from exc
                 log.warning("cannot check symbol %s: %s", symbol, exc)
-            except (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, OSError,
-                    trio.TooSlowError) as exc:  # fmt: skip
+            except HISTORY_UNREACHABLE as exc:
                 log.warning("cannot check symbol %s: %s", symbol, exc)
             else:
                 self.valid_symbols.add(symbol)
