@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -110,7 +109,7 @@ class KafkaSink:
                 await self._unacked[0].done.wait()
                 self._account(self._unacked[0])
         if scope.cancelled_caught:
-            lost = sum(p.count for p in self._unacked) + _queued(candles)
+            lost = sum(p.count for p in self._unacked) + candles.statistics().current_buffer_used
             raise DeliveryFailed(f"{lost} candles were not acknowledged within the stop grace")
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
@@ -196,8 +195,3 @@ def _drain(channel: trio.MemoryReceiveChannel[Candle], limit: int) -> list[Candl
         except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
             break
     return items
-
-
-def _queued(channel: trio.MemoryReceiveChannel[Candle]) -> int:
-    used = channel.statistics().current_buffer_used
-    return used if math.isfinite(used) else 0
