@@ -11,6 +11,7 @@ from typing import Any
 import trio
 from kafka import KafkaProducer
 from kafka_broker import KafkaBroker, Listener
+from timing import scaled
 
 from loader import Settings, Worker, load_settings, run
 from loader.testing import Emulator, Kline
@@ -46,7 +47,7 @@ def worker_env(
         "QUEUE_EVENTS_TOPIC": f"{topic}-events",
         "BINANCE_WS_URL": emulator.raw_url(),
         "BINANCE_API_URL": emulator.ws_api_url,
-        "KAFKA_DELIVERY_TIMEOUT": "20",
+        "KAFKA_DELIVERY_TIMEOUT": str(scaled(20)),
     }
     if listener == "sasl_ssl":
         env |= {
