@@ -147,17 +147,18 @@ def test_sasl_ssl_rejects_a_wrong_password(
     ):
         KafkaProducer(**config)
     failures = bootstrap_failures(caplog)
-    assert failures
+    assert any(reason.startswith(SASL_FAILED) for reason in failures), failures
     # TLS was fine every time; it is the login that fails. kafka-python 3.0.12
     # drops a response that arrives in the same read as the broker's close, so
-    # some attempts log only "socket disconnected" instead of error 58.
-    for reason in failures:
-        assert reason.startswith(
-            (
-                "[Error 58] SaslAuthenticationFailedError",
-                "KafkaConnectionError: socket disconnected",
-            )
-        ), reason
+    # some attempts log only "socket disconnected" instead of error 58; and the
+    # last attempt's request gets only what is left of the bootstrap timeout, so
+    # on a busy machine it may time out first.
+    *earlier, last = failures
+    for reason in earlier:
+        assert reason.startswith((SASL_FAILED, "KafkaConnectionError: socket disconnected")), reason
+    assert last.startswith(
+        (SASL_FAILED, "KafkaConnectionError: socket disconnected", "[Error 7] RequestTimedOutError")
+    ), last
 
 
 def test_sasl_ssl_rejects_an_unknown_ca(
