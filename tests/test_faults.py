@@ -21,8 +21,10 @@ from worker_tools import (
     candles,
     env_without_kafka_vars,
     read_topic,
+    row,
     running_worker,
     telemetry,
+    terminal,
     worker_env,
     worker_settings,
 )
@@ -229,7 +231,7 @@ async def test_wrong_symbol_ends_with_exit_2(kafka: KafkaBroker) -> None:
     assert (outcome.status, outcome.exit_code) == ("error", 2)
     assert "NOPEUSDT" in outcome.message
     events = telemetry(await read_topic(kafka, settings.queue_events_topic))
-    assert events[-1]["status"] == "error"
+    assert terminal(events, outcome.exit_code) == row("no stream left")
 
 
 async def test_killed_worker_resumes_from_the_topic(kafka: KafkaBroker) -> None:

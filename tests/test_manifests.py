@@ -57,6 +57,7 @@ SPEC_ENV = frozenset(
         "BINANCE_API_URL",
         "TELEMETRY_INTERVAL",
         "STOP_GRACE",
+        "TERMINATION_GRACE_PERIOD",
         "METRICS_PORT",
         "LOG_FORMAT",
     }
@@ -207,10 +208,18 @@ def check_security(job: Obj, serviceaccount: Obj) -> None:
 
 
 def check_grace(job: Obj, configmap: Obj) -> None:
+    from loader.settings import SHUTDOWN_MARGIN  # noqa: PLC0415 - only the budget needs it
+    from loader.worker import CLOSE_RESERVE, TELEMETRY_RESERVE  # noqa: PLC0415
+
     env = config(job, configmap)
     stop_grace = float(env.get("STOP_GRACE", "10"))
     grace = pod_spec(job)["terminationGracePeriodSeconds"]
-    assert grace > stop_grace, "the kubelet must not SIGKILL a flush in progress"
+    # The worker plans its shutdown in the pod's grace period: it must be told the real one.
+    assert float(env["TERMINATION_GRACE_PERIOD"]) == grace
+    budget = grace - SHUTDOWN_MARGIN
+    assert stop_grace <= budget - TELEMETRY_RESERVE - CLOSE_RESERVE, (
+        "STOP_GRACE is cut short by the shutdown budget: the kubelet would SIGKILL a flush"
+    )
 
 
 def check_password(job: Obj, configmap: Obj) -> None:
