@@ -131,24 +131,32 @@ def test_connection_attempts_per_ip_are_limited_and_counted() -> None:
 
     async def scenario(clock: trio.testing.MockClock) -> None:
         async with open_emulator(config) as emulator:
-            for url in (emulator.raw_url("btcusdt@kline_1m"), emulator.ws_api_url):
-                async with open_websocket_url(url):
-                    pass
-            clock.jump(100)
-            async with open_websocket_url(emulator.stream_url(["ethusdt@kline_1m"])):
+            async with open_websocket_url(emulator.raw_url("btcusdt@kline_1m")):
                 pass
-            rejection = await refused(emulator.ws_api_url)
+            clock.jump(100)
+            for _ in range(2):
+                async with open_websocket_url(emulator.stream_url(["ethusdt@kline_1m"])):
+                    pass
+            rejection = await refused(emulator.raw_url("btcusdt@kline_1m"))
             assert rejection.status_code == 429
             assert headers(rejection)[b"retry-after"] == b"200"  # when the first attempt expires
             assert json.loads(rejection.body or b"")["code"] == -1003
-            assert (emulator.connection_attempts, emulator.handshakes) == (4, 3)
-            assert emulator.api_connections == 1
-            assert emulator.rate_limited == 1
-            # Refused attempts count as attempts: the window is full until the first ones age.
+            # The WebSocket API is another service (another host on Binance): its own budget.
+            for _ in range(3):
+                async with open_websocket_url(emulator.ws_api_url):
+                    pass
+            assert (await refused(emulator.ws_api_url)).status_code == 429
+            assert (emulator.connection_attempts, emulator.handshakes) == (8, 6)
+            assert emulator.api_connections == 3
+            assert emulator.rate_limited == 2
+            # The first attempt has aged out, but the refused one still counts.
             clock.jump(200)
-            async with open_websocket_url(emulator.ws_api_url):
+            rejection = await refused(emulator.raw_url("btcusdt@kline_1m"))
+            assert headers(rejection)[b"retry-after"] == b"100"
+            clock.jump(100)
+            async with open_websocket_url(emulator.raw_url("btcusdt@kline_1m")):
                 pass
-            assert (emulator.connection_attempts, emulator.api_connections) == (5, 2)
+            assert (emulator.connection_attempts, emulator.handshakes) == (10, 7)
 
     run(scenario)
 

@@ -54,8 +54,9 @@ class EmulatorConfig:
     #: WebSocket API request weight per IP per minute before 429 (Binance: 6000); ``None``:
     #: unlimited (the replies still count it).
     api_weight_limit: int | None = 6000
-    #: Opening handshakes per IP within ``connection_attempts_window`` before 429, on every
-    #: path (Binance: 300 per 5 minutes); ``None``: unlimited (still counted).
+    #: Opening handshakes per IP within ``connection_attempts_window`` before 429, counted
+    #: apart for market streams and the WebSocket API (Binance: 300 per 5 minutes on each);
+    #: ``None``: unlimited (still counted).
     max_connection_attempts: int | None = 300
     #: Seconds over which connection attempts are counted (Binance: 300).
     connection_attempts_window: float = 300.0

@@ -285,7 +285,8 @@ class Connection:
         """Route the request, or say how to refuse it (per-IP limits, faults, bad URL)."""
         hub = self.hub
         hub.connection_attempts += 1
-        limited = hub.limits.attempt(self.ip)
+        service = "api" if urlsplit(target).path == WS_API_PATH else "stream"
+        limited = hub.limits.attempt(self.ip, service)
         if limited is not None:
             return self._limited(limited)
         refusal = hub.take_refusal()

@@ -6,8 +6,10 @@ answered 429 with ``retryAfter`` (the start of the next window); a further reque
 window, i.e. a client that did not back off, earns an IP ban (418) of ``ban_seconds``,
 doubled for each repeat up to three days, during which every request and every WebSocket API
 handshake from that IP is refused. Connection attempts (every opening handshake, accepted or
-not, on any path) are counted per IP over a sliding window; over the limit the handshake is
-refused with 429. All of it runs on the Trio clock, in real seconds, whatever the market speed.
+not) are counted per IP and per service over a sliding window, market streams and the
+WebSocket API apart as Binance serves them from different hosts; over the limit the
+handshake is refused with 429. All of it runs on the Trio clock, in real seconds, whatever
+the market speed.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class _Ip:
         self.strikes = 0
         self.ban_until = 0.0
         self.bans = 0
-        self.attempts: deque[float] = deque()
+        # Per service ("stream", "api"): times of the attempts still in the window.
+        self.attempts: dict[str, deque[float]] = {}
 
 
 class IpLimits:
@@ -130,11 +133,12 @@ class IpLimits:
             "Please use WebSocket Streams for live updates to avoid bans.",
         )
 
-    def attempt(self, ip: str) -> Refusal | None:
-        """Count one connection attempt; ``None`` if within the limit, else the refusal."""
+    def attempt(self, ip: str, service: str) -> Refusal | None:
+        """Count one connection attempt to ``service``; ``None`` if within the limit, else
+        the refusal."""
         now = trio.current_time()
         state = self._ip(ip, now)
-        window = state.attempts
+        window = state.attempts.setdefault(service, deque())
         window.append(now)
         while window[0] <= now - self.attempts_window:
             window.popleft()
