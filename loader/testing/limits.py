@@ -89,14 +89,6 @@ class IpLimits:
         now = trio.current_time()
         return sum(self._ip(ip, now).weight for ip in list(self._ips))
 
-    def banned(self, ip: str) -> Refusal | None:
-        """The ban on ``ip``, if one is running."""
-        now = trio.current_time()
-        state = self._ip(ip, now)
-        if now < state.ban_until:
-            return self._ban_refusal(state, now)
-        return None
-
     def charge(self, ip: str, weight: int) -> Refusal | None:
         """Count a request of ``weight``; ``None`` if it may be served, else the refusal."""
         now = trio.current_time()
