@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
+import trio.testing
 from binance_common.configuration import ConfigurationWebSocketAPI, ConfigurationWebSocketStreams
 from binance_common.constants import TimeUnit
 from binance_sdk_spot.spot import Spot
@@ -410,3 +411,43 @@ async def test_official_sdk_against_the_emulator() -> None:
         assert emulator.api_connections == 2
         assert seen.errors == []
         assert seen.drops == []
+
+
+# -- limits, as the SDK meets them ------------------------------------------------------------
+
+
+async def _storm(url: str) -> tuple[list[Any], list[Any]]:
+    api = await Spot(
+        config_ws_api=ConfigurationWebSocketAPI(stream_url=url)
+    ).websocket_api.create_connection()
+    closed = asyncio.Event()
+    api.on_connection("close", closed.set)
+    try:
+        replies = [(await api.ping()).data() for _ in range(4)]
+        await closed.wait()  # the ban disconnects
+        return replies, list(api.connections)
+    finally:
+        await api.close_connection()
+
+
+def test_the_sdk_is_told_429_then_banned_and_disconnected() -> None:
+    # Connecting costs 2 and a ping 1: two pings fit, the third is over, the fourth banned.
+    config = EmulatorConfig(seed=14, api_weight_limit=4)
+
+    async def scenario() -> None:
+        async with open_emulator(config) as emulator:
+            replies, left = await trio.to_thread.run_sync(
+                lambda: asyncio.run(asyncio.wait_for(_storm(emulator.ws_api_url), timeout=30)),
+                abandon_on_cancel=True,
+            )
+            assert [r.status for r in replies[:2]] == [200, 200]
+            over, banned = replies[2]["error"], replies[3]["error"]
+            assert (over["code"], banned["code"]) == (-1003, -1003)
+            assert "current limit is 4 request weight per 1 MINUTE" in over["msg"]
+            assert over["data"]["retryAfter"] > over["data"]["serverTime"]
+            assert f"IP banned until {banned['data']['retryAfter']}" in banned["msg"]
+            assert left == []
+            assert (emulator.rate_limited, emulator.api_connections) == (2, 1)
+
+    # A frozen clock: the minute cannot turn between the pings.
+    trio.run(scenario, clock=trio.testing.MockClock(rate=0))
