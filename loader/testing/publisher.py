@@ -140,27 +140,33 @@ class _Publisher:
     def _fan_out(
         self, key: StreamKey, event_time: int, kline: Kline, conns: dict[Subscriber, None]
     ) -> None:
-        # Each form (raw/combined, ms/us) is encoded and framed at most once per frame.
+        # The hot path of the firehose: each form is encoded and framed at most once per frame.
         raw = wire.kline_payload(event_time, kline)
         framed = wrapped = b""
-        raw_us = framed_us = wrapped_us = b""
+        in_micros: list[Subscriber] | None = None
         for conn in conns:
             if conn.micros:
-                if not raw_us:
-                    raw_us = wire.kline_payload_us(event_time, kline)
-                if conn.combined:
-                    if not wrapped_us:
-                        wrapped_us = wire.text_frame(self._prefix(key) + raw_us + b"}")
-                elif not framed_us:
-                    framed_us = wire.text_frame(raw_us)
-                conn.push_kline(framed_us, wrapped_us)
-                continue
-            if conn.combined:
+                if in_micros is None:
+                    in_micros = []
+                in_micros.append(conn)
+            elif conn.combined:
                 if not wrapped:
-                    wrapped = wire.text_frame(self._prefix(key) + raw + b"}")
-            elif not framed:
-                framed = wire.text_frame(raw)
-            conn.push_kline(framed, wrapped)
+                    prefix = self._prefixes.get(key) or self._prefix(key)
+                    wrapped = wire.text_frame(prefix + raw + b"}")
+                conn.push_kline(framed, wrapped)
+            else:
+                if not framed:
+                    framed = wire.text_frame(raw)
+                conn.push_kline(framed, wrapped)
+        if in_micros:
+            raw = wire.kline_payload_us(event_time, kline)
+            framed = wrapped = b""
+            for conn in in_micros:
+                if conn.combined:
+                    wrapped = wrapped or wire.text_frame(self._prefix(key) + raw + b"}")
+                else:
+                    framed = framed or wire.text_frame(raw)
+                conn.push_kline(framed, wrapped)
 
     def _prefix(self, key: StreamKey) -> bytes:
         prefix = self._prefixes.get(key)
