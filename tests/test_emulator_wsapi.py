@@ -256,6 +256,34 @@ async def test_time_unit_microsecond_on_a_stream(unit: str) -> None:
         assert (k["o"], k["c"], k["v"], k["x"]) == (kline.open, kline.close, kline.volume, True)
 
 
+async def test_one_series_to_subscribers_of_both_units_and_both_forms() -> None:
+    async with open_emulator(FAST) as emulator:
+        stream = "bnbusdt@kline_1s"
+        urls = [
+            emulator.raw_url(stream),
+            emulator.raw_url(stream) + "?timeUnit=MICROSECOND",
+            emulator.stream_url(stream),
+            emulator.stream_url(stream) + "&timeUnit=microsecond",
+        ]
+        async with (
+            open_websocket_url(urls[0]) as raw_ms,
+            open_websocket_url(urls[1]) as raw_us,
+            open_websocket_url(urls[2]) as combined_ms,
+            open_websocket_url(urls[3]) as combined_us,
+        ):
+            await emulator.wait_connections(4)
+            got = [json.loads(await ws.get_message()) for ws in (raw_ms, raw_us)]
+            got += [json.loads(await ws.get_message())["data"] for ws in (combined_ms, combined_us)]
+        truth = {k.open_time: k for k in emulator.closed_klines("BNBUSDT", "1s")}
+    for event, micros in zip(got, (False, True, False, True), strict=True):
+        scale = 1000 if micros else 1
+        kline = truth[event["k"]["t"] // scale]
+        sent_at = kline.close_time + 1 + FAST.close_lag_ms  # 1s frames are all closing ones
+        assert event["E"] == sent_at * scale
+        assert event["k"]["T"] == (kline.close_time * 1000 + 999 if micros else kline.close_time)
+        assert event["k"]["c"] == kline.close
+
+
 async def test_time_unit_millisecond_is_the_default() -> None:
     async with open_emulator(FAST) as emulator:
         url = emulator.raw_url("bnbusdt@kline_1s") + "?timeUnit=MILLISECOND"
