@@ -159,7 +159,8 @@ class Emulator:
         return self._hub.limits.total_weight()
 
     async def wait_for(self, predicate: Callable[[Emulator], bool]) -> None:
-        """Wait until ``predicate(self)`` holds; re-checked on every connection change."""
+        """Wait until ``predicate(self)`` holds; re-checked on every connection change
+        (opened, closed, subscribed, stalled, refused) and every ping answered."""
         while not predicate(self):
             await self._hub.changed.wait()
 
