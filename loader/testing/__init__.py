@@ -27,7 +27,15 @@ from loader.testing.config import EmulatorConfig
 from loader.testing.connection import ConnectionInfo, ConnectionKind
 from loader.testing.faults import FAULT_KINDS, ScheduledFault
 from loader.testing.intervals import INTERVALS, candle_open, interval_ms, next_open
-from loader.testing.market import DEFAULT_SYMBOLS, Kline, KlineEvent, Market, format_units
+from loader.testing.market import (
+    DEFAULT_SYMBOLS,
+    Kline,
+    KlineEvent,
+    Listing,
+    Market,
+    format_units,
+    market_symbols,
+)
 from loader.testing.publisher import FirehoseConfig
 from loader.testing.replay import FIXTURES_ENV, Recording, fixtures_dir, load_recordings
 from loader.testing.server import Emulator, open_emulator, serve_emulator
@@ -44,6 +52,7 @@ __all__ = [
     "FirehoseConfig",
     "Kline",
     "KlineEvent",
+    "Listing",
     "Market",
     "Recording",
     "ScheduledFault",
@@ -52,6 +61,7 @@ __all__ = [
     "format_units",
     "interval_ms",
     "load_recordings",
+    "market_symbols",
     "next_open",
     "open_emulator",
     "serve_emulator",

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from loader.testing.faults import ScheduledFault
-from loader.testing.market import DEFAULT_SYMBOLS
+from loader.testing.market import DEFAULT_SYMBOLS, Listing
 from loader.testing.publisher import FirehoseConfig
 from loader.testing.replay import Recording
 
@@ -69,6 +69,16 @@ class EmulatorConfig:
     handshake_timeout: float = 10.0
     #: A client this far behind (bytes queued) is disconnected, as a slow consumer.
     max_send_buffer: int = 64 * 2**20
+    #: Symbols listed or delisted while the emulator runs (market times); they trade here in
+    #: addition to ``symbols``. Not applied in firehose mode.
+    listings: tuple[Listing, ...] = ()
+    #: Market mode: each series sends at its own phase within its update period (a stable
+    #: hash of its stream name, 10 ms steps), so thousands of series do not all send in the
+    #: same instant; ``E`` is still the instant each frame is due.
+    spread_updates: bool = False
+    #: ``False``: only closing frames, no in-progress updates (cheap for tests that read
+    #: closed candles only).
+    intermediate_updates: bool = True
     #: Benchmark mode: a paced flood instead of the market clock (see ``FirehoseConfig``).
     firehose: FirehoseConfig | None = None
     #: Recorded sessions to serve on their recorded path (see ``loader.testing.replay``).
@@ -89,7 +99,7 @@ class EmulatorConfig:
             raise ValueError("api_weight_limit must be positive or None")
         if self.max_connection_attempts is not None and self.max_connection_attempts < 1:
             raise ValueError("max_connection_attempts must be positive or None")
-        if any(s != s.upper() for s in self.symbols):
+        if any(s != s.upper() for s in (*self.symbols, *(x.symbol for x in self.listings))):
             raise ValueError("symbols are uppercase, as Binance spells them (BTCUSDT)")
 
     def replace(self, **changes: object) -> EmulatorConfig:

@@ -16,7 +16,7 @@ import trio
 
 from loader.testing.config import EmulatorConfig
 from loader.testing.faults import FAULT_KINDS, ScheduledFault
-from loader.testing.market import DEFAULT_SYMBOLS
+from loader.testing.market import DEFAULT_SYMBOLS, Listing, market_symbols
 from loader.testing.publisher import FirehoseConfig
 from loader.testing.replay import Recording, load_recordings
 from loader.testing.server import serve_emulator
@@ -26,6 +26,12 @@ __all__ = ["config_from_args", "main", "parser"]
 
 def _speed_or_max(text: str) -> float | None:
     return None if text in ("max", "fast", "none") else float(text)
+
+
+def _listing(text: str) -> Listing:
+    symbol, _, times = text.partition(":")
+    listed, _, delisted = times.partition(":")
+    return Listing(symbol, int(listed) if listed else None, int(delisted) if delisted else None)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,6 +55,27 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="also trade SYM0USDT..SYM<N-1>USDT (for benchmarks)",
+    )
+    p.add_argument(
+        "--market",
+        type=int,
+        default=0,
+        metavar="N",
+        help="market mode: also trade N symbols quoted in a mix of assets (S0USDT, S1BTC, ..."
+        ") and spread each series' frames over its update period, as Binance does",
+    )
+    p.add_argument(
+        "--listing",
+        action="append",
+        default=[],
+        type=_listing,
+        metavar="SYMBOL:LISTED_MS[:DELISTED_MS]",
+        help="list SYMBOL at a market time (empty: from the start), delist it at another",
+    )
+    p.add_argument(
+        "--closes-only",
+        action="store_true",
+        help="send closing frames only, no in-progress updates",
     )
     p.add_argument("--start-ms", type=int, default=None, help="market start, epoch ms")
     p.add_argument("--close-lag-ms", type=int, default=250, help="closing frame lag, market ms")
@@ -114,6 +141,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
     """Turn parsed arguments into a configuration."""
     symbols = [s for s in args.symbols.split(",") if s]
     symbols += [f"SYM{i}USDT" for i in range(args.synthetic)]
+    symbols += market_symbols(args.market)
     recordings: list[Recording] = []
     for path in args.replay:
         p = Path(path)
@@ -139,6 +167,9 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         max_streams_per_connection=args.max_streams,
         api_weight_limit=args.weight_limit or None,
         max_connection_attempts=args.connection_attempts or None,
+        listings=tuple(args.listing),
+        spread_updates=args.market > 0,
+        intermediate_updates=not args.closes_only,
         firehose=firehose,
         recordings=tuple(recordings),
         replay_speed=args.replay_speed,

@@ -1,14 +1,14 @@
 """``exchangeInfo``: the market's symbols as Binance describes them (status, assets, filters).
 
-Only what a market-data client reads is modelled: every symbol trades (``TRADING``), spot
-only; ``PRICE_FILTER`` and ``LOT_SIZE`` come from the symbol's tick and lot in the
-deterministic market. Order-related fields carry Binance's usual values so that a client's
-model of the reply parses.
+Only what a market-data client reads is modelled: a symbol trades (``TRADING``) from its
+listing and is on ``BREAK`` from its delisting, spot only; ``PRICE_FILTER`` and
+``LOT_SIZE`` come from the symbol's tick and lot in the deterministic market. Order-related
+fields carry Binance's usual values so that a client's model of the reply parses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from loader.testing.market import Market, format_units
@@ -82,12 +82,12 @@ def global_rate_limits(weight_limit: int | None, max_attempts: int | None) -> li
     return limits
 
 
-def _symbol(market: Market, symbol: str, permission_sets: bool) -> dict[str, Any]:
+def _symbol(market: Market, symbol: str, status: str, permission_sets: bool) -> dict[str, Any]:
     spec = market.spec(symbol)
     base, quote = split_symbol(symbol)
     return {
         "symbol": symbol,
-        "status": "TRADING",
+        "status": status,
         "baseAsset": base,
         "baseAssetPrecision": 8,
         "quoteAsset": quote,
@@ -135,17 +135,20 @@ def symbols_with(permissions: Iterable[str]) -> bool:
 
 def exchange_info(
     market: Market,
-    symbols: Iterable[str],
+    symbols: Mapping[str, str],
     *,
     server_time: int,
     permission_sets: bool,
     rate_limits: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """The ``result`` of ``exchangeInfo`` for ``symbols`` (already validated), in order."""
+    """The ``result`` of ``exchangeInfo`` for ``symbols`` (already validated, each with its
+    status), in order."""
     return {
         "timezone": "UTC",
         "serverTime": server_time,
         "rateLimits": rate_limits,
         "exchangeFilters": [],
-        "symbols": [_symbol(market, s, permission_sets) for s in symbols],
+        "symbols": [
+            _symbol(market, name, status, permission_sets) for name, status in symbols.items()
+        ],
     }

@@ -38,9 +38,11 @@ __all__ = [
     "DEFAULT_SYMBOLS",
     "Kline",
     "KlineEvent",
+    "Listing",
     "Market",
     "SymbolSpec",
     "format_units",
+    "market_symbols",
 ]
 
 #: Symbols the emulator knows when none are configured.
@@ -105,6 +107,58 @@ class KlineEvent(msgspec.Struct, frozen=True, gc=False):
     event_time: int = msgspec.field(name="E")
     symbol: str = msgspec.field(name="s")
     kline: Kline = msgspec.field(name="k")
+
+
+#: Quote assets of :func:`market_symbols`, with Binance spot's rough share of each (USDT
+#: quotes about two fifths of its symbols, BTC a sixth, ...).
+_MARKET_QUOTES: tuple[tuple[str, int], ...] = (
+    ("USDT", 40),
+    ("BTC", 16),
+    ("FDUSD", 8),
+    ("USDC", 8),
+    ("ETH", 7),
+    ("BNB", 6),
+    ("TRY", 6),
+    ("EUR", 5),
+    ("BRL", 4),
+)
+
+
+def market_symbols(n: int) -> tuple[str, ...]:
+    """``n`` distinct synthetic symbols quoted in a mix of assets as on Binance spot.
+
+    Base assets are ``S<i>`` (``S0USDT``, ``S1BTC``, ...), so a quote filter such as
+    ``*USDT`` selects a realistic share of them.
+    """
+    wheel = [quote for quote, share in _MARKET_QUOTES for _ in range(share)]
+    return tuple(f"S{i}{wheel[(i * 37) % len(wheel)]}" for i in range(n))
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """When a symbol trades: listed at ``listed_ms`` and delisted at ``delisted_ms``.
+
+    Market times, epoch ms; ``None``: trading since the market's start / never delisted.
+    Before its listing a symbol is absent from ``exchangeInfo`` and its streams are silent;
+    its first candle is the one containing ``listed_ms`` (align it to the interval for a
+    whole first candle). From ``delisted_ms`` its status is ``BREAK`` and its streams go
+    silent: candles ending at or before it close, the one containing it never does.
+    """
+
+    symbol: str
+    listed_ms: int | None = None
+    delisted_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        if (
+            self.listed_ms is not None
+            and self.delisted_ms is not None
+            and self.delisted_ms <= self.listed_ms
+        ):
+            raise ValueError(f"{self.symbol}: delisted_ms must come after listed_ms")
+
+
+_NEVER = 1 << 62
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -179,7 +233,7 @@ class _Candle:
     A burst is ``(offset ms, price, trade count, quantity, taker is buyer)``.
     """
 
-    __slots__ = ("bursts", "final", "first_id", "prev_close", "totals", "trades")
+    __slots__ = ("bursts", "final", "first_id", "partial", "prev_close", "totals", "trades")
 
     def __init__(
         self,
@@ -196,6 +250,9 @@ class _Candle:
         self.totals = totals
         self.trades = totals[6]
         self.final: Kline | None = None
+        #: The last in-progress state built: ``(bursts counted, kline)``. A candle has a
+        #: handful of bursts and 29 updates, so most updates repeat the one before.
+        self.partial: tuple[int, Kline] | None = None
 
     def count_before(self, offset: int | None) -> int:
         """How many bursts happened strictly before ``offset`` (all of them for ``None``)."""
@@ -233,6 +290,7 @@ class Market:
         seed: the same seed gives the same candles.
         start_ms: the market's start; the first candle of each interval contains it.
         empty_ratio: the share of candles without any trade.
+        listings: when some symbols are listed or delisted (they trade here too).
     """
 
     def __init__(
@@ -242,12 +300,24 @@ class Market:
         seed: int,
         start_ms: int,
         empty_ratio: float = 0.1,
+        listings: Iterable[Listing] = (),
     ) -> None:
         self.seed = seed
         self.start_ms = start_ms
         self.empty_ratio = empty_ratio
         self._empty_threshold = int(empty_ratio * 10_000)
-        self._specs = {s: symbol_spec(s, seed) for s in symbols}
+        listings = tuple(listings)
+        names = dict.fromkeys([*symbols, *(listing.symbol for listing in listings)])
+        self._specs = {s: symbol_spec(s, seed) for s in names}
+        #: symbol -> (listed, delisted) market ms, for scheduled symbols only: the publisher
+        #: sends a series' frames as of instants ``a`` with ``listed < a <= delisted``.
+        self.windows: dict[str, tuple[int, int]] = {
+            listing.symbol: (
+                -_NEVER if listing.listed_ms is None else listing.listed_ms,
+                _NEVER if listing.delisted_ms is None else listing.delisted_ms,
+            )
+            for listing in listings
+        }
         self._series: dict[tuple[str, str], _Series] = {}
         self._first_open = {i: iv.candle_open(i, start_ms) for i in iv.INTERVALS}
 
@@ -259,6 +329,32 @@ class Market:
     def has_symbol(self, symbol: str) -> bool:
         """Whether ``symbol`` (uppercase) trades here."""
         return symbol in self._specs
+
+    def status(self, symbol: str, ms: int) -> str | None:
+        """``"TRADING"``, ``"BREAK"`` (delisted) or ``None`` (unknown or not yet listed)."""
+        if symbol not in self._specs:
+            return None
+        window = self.windows.get(symbol)
+        if window is None:
+            return "TRADING"
+        if ms < window[0]:
+            return None
+        return "TRADING" if ms < window[1] else "BREAK"
+
+    def first_index(self, symbol: str, interval: str) -> int:
+        """Index of the first candle of ``(symbol, interval)``: 0, or the one its listing
+        falls in."""
+        window = self.windows.get(symbol)
+        if window is None or window[0] < self.start_ms:
+            return 0
+        return max(0, self.index_at(interval, window[0]))
+
+    def end_index(self, symbol: str, interval: str) -> int | None:
+        """Index of the first candle that never closes (the one its delisting falls in)."""
+        window = self.windows.get(symbol)
+        if window is None or window[1] == _NEVER:
+            return None
+        return max(0, self.index_at(interval, window[1]))
 
     def spec(self, symbol: str) -> SymbolSpec:
         """How ``symbol`` trades (tick, lot, ...); ``KeyError`` if it does not."""
@@ -416,6 +512,9 @@ class Market:
                 format_units(buy_quote),
             )
         else:
+            partial = candle.partial
+            if partial is not None and partial[0] == n:
+                return partial[1]
             kline = self._aggregate(
                 candle,
                 n,
@@ -425,6 +524,7 @@ class Market:
                 interval=interval,
                 closed=closed,
             )
+            candle.partial = (n, kline)
         if closed:
             candle.final = kline
         return kline

@@ -9,6 +9,7 @@ so the stream, the history and the ground truth cannot disagree.
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -211,74 +212,169 @@ class ClockPublisher(_Publisher):
 
     For a candle of a series with update period ``P`` (1000 ms for ``1s``, else 2000 ms) the
     state "as of" each market instant ``a`` that is a multiple of ``P`` is sent at
-    ``a + close_lag_ms``, with that as ``"E"``. When ``a`` is a candle boundary the frame is
-    the closing (``"x": true``) frame of the candle that just ended; otherwise it is an
-    update of the current candle (so ``1s`` series only ever send closing frames, and a
+    ``a + phase + close_lag_ms``, with that as ``"E"``. When ``a`` is a candle boundary the
+    frame is the closing (``"x": true``) frame of the candle that just ended; otherwise it is
+    an update of the current candle (so ``1s`` series only ever send closing frames, and a
     ``1m`` candle gets 29 updates and one close).
+
+    ``phase`` is 0 unless ``spread``: then each series has its own, a stable hash of its
+    stream name in steps of 10 ms within its period, so thousands of series do not all send
+    in the same instant (Binance's frames for different symbols are not aligned either).
+    With ``updates=False`` only closing frames are sent. Symbols with a listing schedule
+    (``Market.windows``) send the frames as of ``listed < a <= delisted`` only.
     """
 
-    def __init__(self, market: Market, clock: MarketClock, close_lag_ms: int) -> None:
+    def __init__(
+        self,
+        market: Market,
+        clock: MarketClock,
+        close_lag_ms: int,
+        *,
+        spread: bool = False,
+        updates: bool = True,
+    ) -> None:
         super().__init__(market)
         self.clock = clock
         self.lag = close_lag_ms
-        self._cursor = self._as_of(1000)
+        self.spread = spread
+        self.updates = updates
+        self._grain = 10 if spread else 1000
+        self._phases: dict[StreamKey, int] = {}
+        # Subscribed series by due instant within their period: (phase of 1s, phase of the
+        # others) -> series; a tick looks up only the series due then.
+        self._due_1s: dict[int, dict[StreamKey, None]] = {}
+        self._due_2s: dict[int, dict[StreamKey, None]] = {}
+        self._cursor = self._due_now()
 
     def now_ms(self) -> int:
         return self.clock.now_ms()
 
-    def _as_of(self, period: int) -> int:
-        return (self.clock.now_ms() - self.lag) // period * period
+    def phase(self, key: StreamKey) -> int:
+        """Market ms between an as-of instant of ``key`` and its frame (before the lag)."""
+        if not self.spread:
+            return 0
+        phase = self._phases.get(key)
+        if phase is None:
+            slots = iv.update_period_ms(key[1]) // self._grain
+            phase = zlib.crc32(stream_name(key).encode()) % slots * self._grain
+            self._phases[key] = phase
+        return phase
+
+    def add(self, key: StreamKey, conn: Subscriber) -> None:
+        if key not in self.subs:
+            due = self._due_1s if key[1] == "1s" else self._due_2s
+            due.setdefault(self.phase(key), {})[key] = None
+        super().add(key, conn)
+
+    def remove(self, key: StreamKey, conn: Subscriber) -> None:
+        super().remove(key, conn)
+        if key not in self.subs:
+            due = self._due_1s if key[1] == "1s" else self._due_2s
+            phase = self.phase(key)
+            keys = due.get(phase)
+            if keys is not None:
+                keys.pop(key, None)
+                if not keys:
+                    del due[phase]
+
+    def _due_now(self) -> int:
+        return (self.clock.now_ms() - self.lag) // self._grain * self._grain
+
+    def _as_of(self, key: StreamKey) -> int:
+        """The last as-of instant of ``key`` whose frame is due, clamped to its delisting."""
+        period = iv.update_period_ms(key[1])
+        a = (self.clock.now_ms() - self.lag - self.phase(key)) // period * period
+        window = self.market.windows.get(key[0])
+        return a if window is None else min(a, window[1])
 
     def closed_count(self, key: StreamKey) -> int:
-        a = self._as_of(iv.update_period_ms(key[1]))
-        return max(0, self.market.index_at(key[1], a))
+        return max(0, self.market.index_at(key[1], self._as_of(key)))
 
     def in_progress(self, key: StreamKey) -> tuple[int, int] | None:
         interval = key[1]
-        a = self._as_of(iv.update_period_ms(interval))
+        a = self._as_of(key)
         index = self.market.index_at(interval, a)
-        if index < 0:
+        if index < self.market.first_index(key[0], interval):
             return None
-        return index, a - self.market.open_time(interval, index)
+        shown = a - self.market.open_time(interval, index)
+        window = self.market.windows.get(key[0])
+        if window is not None and (a <= window[0] or (a == window[1] and shown == 0)):
+            return None  # not listed yet, or delisted as this candle opened
+        return index, shown
 
     async def wait_closed(self, key: StreamKey, count: int) -> None:
         closes_at = self.market.open_time(key[1], count)
-        await trio.sleep_until(self.clock.deadline(closes_at + self.lag))
-        while self._cursor < closes_at and key in self.subs:
+        due = closes_at + self.phase(key)
+        await trio.sleep_until(self.clock.deadline(due + self.lag))
+        while self._cursor < due and key in self.subs:
             await self.progress.wait()
 
     async def run(self) -> None:
+        grain = self._grain
         while True:
             if not self.subs:
-                self._cursor = self._as_of(1000)
+                self._cursor = self._due_now()
                 self.progress.notify()
                 await self.subscriptions_changed.wait()
                 # Nobody missed the instants that passed while idle.
-                self._cursor = self._as_of(1000)
+                self._cursor = self._due_now()
                 continue
-            step = 1000 if any(k[1] == "1s" for k in self.subs) else 2000
-            nxt = (self._cursor // step + 1) * step
+            nxt = self._next_due()
             with trio.move_on_at(self.clock.deadline(nxt + self.lag)) as scope:
                 await self.subscriptions_changed.wait()
             if not scope.cancelled_caught:
-                continue  # the subscriptions changed: the cadence may have too
+                continue  # the subscriptions changed: the next due instant may have too
             # The deadline has passed, so ``nxt`` is due even if float rounding says not.
-            upto = max(self._as_of(1000), nxt)
-            for done, a in enumerate(range(nxt, upto + 1, 1000), start=1):
-                self._publish(a)
-                self._cursor = a
-                if done % 64 == 0:
-                    # Catching up after a hiccup or at very high speed: let others run.
+            upto = max(self._due_now(), nxt)
+            done = 0
+            for t in range(nxt, upto + 1, grain):
+                done += self._publish(t)
+                self._cursor = t
+                if done >= 2048:
+                    # Catching up, or a burst of thousands of series: let others run.
+                    done = 0
                     self.progress.notify()
                     await trio.lowlevel.checkpoint()
             self.progress.notify()
 
-    def _publish(self, a: int) -> None:
+    def _next_due(self) -> int:
+        """The first instant after the cursor at which some series is due."""
+        if not self.spread:
+            step = 1000 if self._due_1s else 2000
+            return (self._cursor // step + 1) * step
+        t = self._cursor + self._grain
+        for _ in range(2000 // self._grain):
+            if t % 1000 in self._due_1s or t % 2000 in self._due_2s:
+                return t
+            t += self._grain
+        return t
+
+    def _publish(self, t: int) -> int:
+        """Send what is due at ``t`` (before the lag); returns how many series sent."""
+        sent = 0
+        keys = self._due_1s.get(t % 1000)
+        if keys:
+            sent += self._publish_keys(t, list(keys))
+        keys = self._due_2s.get(t % 2000)
+        if keys:
+            sent += self._publish_keys(t, list(keys))
+        return sent
+
+    def _publish_keys(self, t: int, keys: list[StreamKey]) -> int:
         market = self.market
-        event_time = a + self.lag
-        for key, conns in list(self.subs.items()):
+        windows = market.windows
+        subs = self.subs
+        updates = self.updates
+        event_time = t + self.lag
+        sent = 0
+        for key in keys:
+            conns = subs.get(key)
+            if not conns:
+                continue
             symbol, interval = key
-            if interval != "1s" and a % 2000:
+            a = t - self.phase(key) if self.spread else t
+            window = windows.get(symbol) if windows else None
+            if window is not None and not window[0] < a <= window[1]:
                 continue
             index = market.index_at(interval, a)
             opened = market.open_time(interval, index)
@@ -287,10 +383,12 @@ class ClockPublisher(_Publisher):
                     continue  # the candle before the market opened does not exist
                 kline = market.kline(symbol, interval, index - 1)
             else:
-                if index < 0:
+                if index < 0 or not updates:
                     continue
                 kline = market.kline(symbol, interval, index, a - opened)
             self._fan_out(key, event_time, kline, conns)
+            sent += 1
+        return sent
 
 
 class FirehosePublisher(_Publisher):

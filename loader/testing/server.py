@@ -97,9 +97,9 @@ class Emulator:
         key = self._key(symbol, interval)
         market = self.market
         stop = self._hub.publisher.closed_count(key)
-        first = 0
+        first = market.first_index(symbol, interval)
         if start_ms is not None:
-            first = max(0, market.index_at(interval, start_ms))
+            first = max(first, market.index_at(interval, start_ms))
             if first < stop and market.open_time(interval, first) < start_ms:
                 first += 1
         if end_ms is not None:
@@ -288,11 +288,21 @@ class Emulator:
 def _publisher(config: EmulatorConfig) -> Publisher:
     start_ms = config.resolved_start_ms()
     market = Market(
-        config.symbols, seed=config.seed, start_ms=start_ms, empty_ratio=config.empty_candle_ratio
+        config.symbols,
+        seed=config.seed,
+        start_ms=start_ms,
+        empty_ratio=config.empty_candle_ratio,
+        listings=() if config.firehose is not None else config.listings,
     )
     if config.firehose is not None:
         return FirehosePublisher(market, config.firehose)
-    return ClockPublisher(market, MarketClock(start_ms, config.speed), config.close_lag_ms)
+    return ClockPublisher(
+        market,
+        MarketClock(start_ms, config.speed),
+        config.close_lag_ms,
+        spread=config.spread_updates,
+        updates=config.intermediate_updates,
+    )
 
 
 async def serve_emulator(

@@ -207,12 +207,12 @@ class WsApi:
         closed = self.publisher.closed_count(key)
         current = self.publisher.in_progress(key)
         stop = closed + 1 if current is not None and current[0] == closed else closed
-        first = 0
+        first = market.first_index(symbol, interval)
         if start is not None:
-            first = market.index_at(interval, start)
-            if market.open_time(interval, first) < start:
-                first += 1
-            first = max(first, 0)
+            asked = market.index_at(interval, start)
+            if market.open_time(interval, asked) < start:
+                asked += 1
+            first = max(first, asked)
         if end is not None:
             stop = min(stop, market.index_at(interval, end) + 1)
         if start is None:
@@ -239,30 +239,31 @@ class WsApi:
             raise _ApiError(-1128, "Combination of optional parameters invalid.")
         permission_sets = self._bool_param(params, "showPermissionSets", True)
         market = self.publisher.market
+        now = self.publisher.now_ms()
         names: list[str]
         if params.get("symbol") is not None:
             names = [self._symbol_param(params)]
         elif params.get("symbols") is not None:
             names = self._symbols_param(params)
         else:
-            names = list(market.symbols)
+            # Symbols not listed yet are not shown; delisted ones are, with status BREAK.
+            names = [s for s in market.symbols if market.status(s, now) is not None]
             if params.get("permissions") is not None:
                 wanted = self._list_param(params, "permissions", single=True)
                 if not exchange.symbols_with(wanted):
                     names = []
-        for name in names:
-            if not market.has_symbol(name):
-                raise _ApiError(-1121, "Invalid symbol.")
+        statuses = {name: market.status(name, now) for name in names}
+        if any(found is None for found in statuses.values()):
+            raise _ApiError(-1121, "Invalid symbol.")
         if status is not None:
             if status not in exchange.SYMBOL_STATUSES:
                 raise _ApiError(-1122, "Invalid symbolStatus.")
-            if status != "TRADING":
-                names = []
+            names = [name for name in names if statuses[name] == status]
         limits = self.limits
         return exchange.exchange_info(
             market,
-            names,
-            server_time=self._time_out(self.publisher.now_ms(), session),
+            {name: statuses[name] or "TRADING" for name in names},
+            server_time=self._time_out(now, session),
             permission_sets=permission_sets,
             rate_limits=exchange.global_rate_limits(
                 limits.weight_limit or _DEFAULT_WEIGHT_LIMIT, limits.max_attempts
@@ -317,8 +318,8 @@ class WsApi:
         interval = params.get("interval")
         if not isinstance(interval, str) or not interval:
             raise _mandatory("interval")
-        if not self.publisher.market.has_symbol(symbol):
-            raise _ApiError(-1121, "Invalid symbol.")
+        if self.publisher.market.status(symbol, self.publisher.now_ms()) is None:
+            raise _ApiError(-1121, "Invalid symbol.")  # unknown, or not listed yet
         if not is_interval(interval):
             raise _ApiError(-1120, "Invalid interval.")
         return symbol, interval
