@@ -17,6 +17,7 @@ from typing import Final, Literal, TypeVar
 import msgspec
 
 from loader.binance import INTERVALS, stream_name
+from loader.shards import MAX_STREAMS_PER_CONNECTION, Selection, parse_selection
 
 MAX_STREAMS: Final = 1024
 # What the shutdown budget leaves of the pod's grace period: the process's own exit, and a
@@ -82,6 +83,7 @@ class KafkaSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     queue_id: str
+    # The symbols named in SYMBOL (wildcards are in `selection`).
     symbols: tuple[str, ...]
     intervals: tuple[str, ...]
     kafka_topic: str
@@ -119,6 +121,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # /healthz fails when no frame arrived, or Kafka acknowledged nothing pending, this long.
     health_timeout: float = 60.0
     log_format: LogFormat = "auto"
+    # SYMBOL as parsed: named symbols, `*` (every trading symbol) or quote filters (`*USDT`).
+    selection: Selection = Selection()
+    # This pod's share of the streams: those whose name hashes to shard_index.
+    shard_count: int = 1
+    shard_index: int = 0
+    streams_per_connection: int = 200
+    # How often exchangeInfo is read again to follow listings and delistings.
+    symbols_refresh: float = 3600.0
 
     @property
     def shutdown_budget(self) -> float:
@@ -221,11 +231,10 @@ def _split(raw: str | None) -> list[str]:
     return [part.strip() for part in (raw or "").split(",") if part.strip()]
 
 
-def _streams(r: _Reader) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    symbols = tuple(dict.fromkeys(s.upper() for s in _split(r.get("SYMBOL", required=True))))
-    for symbol in symbols:
-        if not SYMBOL_RE.fullmatch(symbol):
-            r.problems.append(f"SYMBOL {symbol!r} is not a Binance symbol (letters and digits)")
+def _streams(r: _Reader) -> tuple[Selection, tuple[str, ...]]:
+    selection, problems = parse_selection(_split(r.get("SYMBOL", required=True)))
+    r.problems.extend(problems)
+    symbols = selection.symbols
     intervals = tuple(dict.fromkeys(_split(r.get("INTERVAL")))) or ("1m",)
     for interval in intervals:
         if interval not in INTERVALS:
@@ -235,7 +244,31 @@ def _streams(r: _Reader) -> tuple[tuple[str, ...], tuple[str, ...]]:
             f"SYMBOL x INTERVAL makes {len(symbols) * len(intervals)} streams; "
             f"one connection carries at most {MAX_STREAMS}"
         )
-    return symbols, intervals
+    return selection, intervals
+
+
+def _shards(r: _Reader) -> tuple[int, int]:
+    """SHARD_COUNT and SHARD_INDEX; the index defaults to the Indexed Job's completion index."""
+    count = r.parse("SHARD_COUNT", 1, _positive_int, "a positive whole number")
+    index_name = "SHARD_INDEX" if r.get("SHARD_INDEX") is not None else "JOB_COMPLETION_INDEX"
+    index = r.parse(index_name, 0, _index, "a whole number from 0")
+    if index >= count:
+        r.problems.append(f"{index_name}={index} is not below SHARD_COUNT={count}")
+    return count, index
+
+
+def _index(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError(raw)
+    return value
+
+
+def _per_connection(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= MAX_STREAMS_PER_CONNECTION:
+        raise ValueError(raw)
+    return value
 
 
 def _kafka(r: _Reader) -> KafkaSettings:
@@ -267,7 +300,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build `Settings` from `env` (default: the process environment) or raise `ConfigError`."""
     r = _Reader(os.environ if env is None else env)
     queue_id = r.get("QUEUE_ID", required=True) or ""
-    symbols, intervals = _streams(r)
+    selection, intervals = _streams(r)
+    shard_count, shard_index = _shards(r)
     kafka_topic = r.topic("KAFKA_TOPIC")
     producer_id = r.get("TELEMETRY_PRODUCER_ID", required=True) or ""
     kafka = _kafka(r)
@@ -278,7 +312,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     channel_size = r.parse("CHANNEL_SIZE", 10_000, _positive_int, "a positive whole number")
     settings = Settings(
         queue_id=queue_id,
-        symbols=symbols,
+        symbols=selection.symbols,
         intervals=intervals,
         kafka_topic=kafka_topic,
         telemetry_producer_id=producer_id,
@@ -305,6 +339,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         metrics_port=r.parse("METRICS_PORT", None, _port, "a TCP port number"),
         health_timeout=_seconds(r, "HEALTH_TIMEOUT", 60.0),
         log_format=log_format,
+        selection=selection,
+        shard_count=shard_count,
+        shard_index=shard_index,
+        streams_per_connection=r.parse(
+            "STREAMS_PER_CONNECTION", 200, _per_connection, "a whole number from 1 to 1024"
+        ),
+        symbols_refresh=_seconds(r, "SYMBOLS_REFRESH", 3600.0),
     )
     if r.problems:
         raise ConfigError(r.problems)
