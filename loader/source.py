@@ -320,6 +320,7 @@ class Source:
                     except trio_websocket.ConnectionClosed:
                         return  # the reader sees it too, and retires the connection
                     conn.idle_since = trio.current_time()
+                    self.stats.last_alive_at = time.monotonic()
                     continue
                 self.stats.reconnects["stalled"] += 1
                 log.warning("Binance went silent and did not answer a ping; reconnecting")

@@ -107,7 +107,9 @@ async def run(
         raise FatalError(str(exc)) from exc
     candles_in, candles_out = trio.open_memory_channel[Candle](settings.channel_size)
     stats = Stats()
-    metrics = Metrics(stats, lambda: candles_out.statistics().current_buffer_used)
+    metrics = Metrics(
+        stats, lambda: candles_out.statistics().current_buffer_used, intervals=settings.intervals
+    )
     sink = KafkaSink(producer, settings.kafka_topic, stats, metrics.delivery_latency.observe)
     worker = Worker(settings, sink, metrics)
     ready = False
