@@ -5,12 +5,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
 import trio
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import KafkaTimeoutError, SaslAuthenticationFailedError
 
 from loader.settings import KafkaSettings
 
@@ -57,21 +58,41 @@ def describe(exc: BaseException) -> str:
     return text if text.startswith(name) else f"{name}: {text}"
 
 
+class _Hopeless(Exception):
+    """Raised into kafka-python's bootstrap loop to end it: retrying cannot help."""
+
+
 class _Causes(logging.Handler):
     """kafka-python logs why a bootstrap failed (bad password, unknown CA) but raises only a
-    timeout; its last words on the matter make the error say why."""
+    timeout; its last words on the matter make the error say why.
+
+    It also retries a refused login or an untrusted certificate until its bootstrap timeout
+    (up to a minute), though the same password and CA file are refused every time: the first
+    such failure of the bootstrap loop ends it, named. (The Job's next pod may still succeed:
+    it reads the Secrets again, which Strimzi may have renewed meanwhile.)"""
 
     # Most telling first: a refused login or certificate beats a plain connection failure.
     MARKERS = ("Authentication", "SSL", "Handshake", "refused", "Connection failed")
 
-    def __init__(self) -> None:
+    def __init__(self, kafka: KafkaSettings) -> None:
         super().__init__(logging.WARNING)
+        self.kafka = kafka
         self.messages: collections.deque[str] = collections.deque(maxlen=50)
+        self.hopeless: str | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+        hopeless = _hopeless(record, self.kafka)
+        if hopeless is not None:
+            self.hopeless = hopeless
+            # The bootstrap loop logs each failed attempt before its next one; raising
+            # from that log call ends the loop with this exception.
+            if record.name == "kafka.net.manager" and record.funcName == "_do_bootstrap":
+                raise _Hopeless(hopeless)
 
     def explain(self) -> str:
+        if self.hopeless is not None:
+            return f": {self.hopeless}"
         for marker in self.MARKERS:
             for message in reversed(self.messages):
                 if marker in message:
@@ -79,17 +100,41 @@ class _Causes(logging.Handler):
         return ""
 
 
+def _hopeless(record: logging.LogRecord, kafka: KafkaSettings) -> str | None:
+    """The cause, in one line, when a logged failure is one that retrying cannot fix."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    for arg in args:
+        seen: set[int] = set()
+        exc: BaseException | None = arg if isinstance(arg, BaseException) else None
+        while exc is not None and id(exc) not in seen:
+            seen.add(id(exc))
+            if isinstance(exc, SaslAuthenticationFailedError):
+                return (
+                    f"Kafka refused the login of user {kafka.user!r} ({kafka.sasl_mechanism}): "
+                    "wrong user name or password"
+                )
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                trusted = f"CA_PATH={kafka.ca_path}" if kafka.ca_path else "the system's CAs"
+                return (
+                    "the Kafka broker's TLS certificate is not trusted "
+                    f"({exc.verify_message or exc.reason}; checked against {trusted})"
+                )
+            exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @contextlib.contextmanager
 def _failure_cause(what: str, kafka: KafkaSettings) -> Iterator[None]:
-    causes = _Causes()
+    causes = _Causes(kafka)
     logger = logging.getLogger("kafka")
     logger.addHandler(causes)
     try:
         yield
     except Exception as exc:
+        detail = "" if isinstance(exc, _Hopeless) else f": {describe(exc)}"
         raise KafkaFailure(
             f"cannot open a Kafka {what} to {kafka.bootstrap_servers} "
-            f"({kafka.security_protocol}): {describe(exc)}{causes.explain()}"
+            f"({kafka.security_protocol}){detail}{causes.explain()}"
         ) from exc
     finally:
         logger.removeHandler(causes)
