@@ -42,16 +42,22 @@ async def serve(settings: Settings) -> int:
                 nonlocal received
                 async for signum in signals:
                     received = received or signum
-                    name = signal.Signals(signum).name
                     if ready.worker is not None:
-                        ready.worker.stop(f"stopped by {name}")
-                    else:
-                        nursery.cancel_scope.cancel()
+                        _stop(ready.worker, signum)
+                    # else: the worker is stopped as soon as it exists (`created` below);
+                    # until then it is opening its Kafka producer, in a thread that
+                    # cancelling would wait for all the same.
 
             async def main() -> None:
                 nonlocal outcome
+
+                def created(worker: Worker) -> None:
+                    ready.worker = worker
+                    if received is not None:
+                        _stop(worker, received)
+
                 try:
-                    outcome = await run(settings, task_status=ready)
+                    outcome = await run(settings, task_status=ready, created=created)
                 except FatalError as exc:
                     log.error("could not start: %s", exc)
                     outcome = Outcome("error", str(exc), 0, exc.exit_code)
@@ -59,11 +65,15 @@ async def serve(settings: Settings) -> int:
 
             nursery.start_soon(forward_signals)
             nursery.start_soon(main)
-    if outcome is not None and outcome.status == "error":
+    if outcome is not None:
         return outcome.exit_code
-    if received is not None:
-        return 128 + received
-    return outcome.exit_code if outcome is not None else 1
+    return 128 + received if received is not None else 1
+
+
+def _stop(worker: Worker, signum: int) -> None:
+    """A signal stops the run gracefully with the shell's code for it (143 for SIGTERM): not
+    a final outcome, the Job runs a new pod (an eviction, a node drain)."""
+    worker.stop(f"stopped by {signal.Signals(signum).name}", exit_code=128 + signum)
 
 
 def main() -> None:

@@ -201,12 +201,12 @@ async def aclose(client: KafkaProducer | KafkaConsumer) -> None:
     """Close in a thread, bounded, even when the caller is being cancelled."""
     with trio.CancelScope(shield=True):
         try:
-            await trio.to_thread.run_sync(_close, client)
+            await trio.to_thread.run_sync(close, client)
         except Exception:
             log.exception("closing the Kafka client failed")
 
 
-def _close(client: KafkaProducer | KafkaConsumer) -> None:
+def close(client: KafkaProducer | KafkaConsumer) -> None:
     if isinstance(client, KafkaProducer):
         try:
             client.close(timeout=CLOSE_TIMEOUT)

@@ -48,7 +48,7 @@ class Worker:
         self.stats = sink.stats
         self.metrics = metrics
         self.scope = trio.CancelScope()
-        self.stopped: tuple[Status, str] | None = None
+        self.stopped: tuple[Status, str, int] | None = None
         self.outcome: Outcome | None = None
         # The bound port when METRICS_PORT is set (0 there picks a free one).
         self.metrics_port: int | None = None
@@ -58,10 +58,14 @@ class Worker:
     def records_written(self) -> int:
         return self.sink.records_written
 
-    def stop(self, reason: str = "stopped", status: Status = "interrupted") -> None:
-        """End the run gracefully: the reader stops now, what was received is delivered."""
+    def stop(
+        self, reason: str = "stopped", status: Status = "interrupted", *, exit_code: int = 0
+    ) -> None:
+        """End the run gracefully: the reader stops now, what was received is delivered.
+        `exit_code` is the process's (143 on SIGTERM): it tells telemetry whether the Job
+        will run another pod (see loader/telemetry.py)."""
         if self.stopped is None:
-            self.stopped = (status, reason)
+            self.stopped = (status, reason, exit_code)
         self.scope.cancel()
 
     async def wait_written(self, count: int) -> None:
@@ -92,12 +96,15 @@ async def run(
     settings: Settings,
     *,
     task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED,
+    created: Callable[[Worker], object] = lambda _: None,
 ) -> Outcome:
     """Run until stopped, `STOP_AT`, or a fatal error; return how it ended.
 
     A run that fails before it is ready (Kafka unreachable, credentials refused) raises
     `FatalError` instead: there is no worker to hand out. Its `error` telemetry was sent if
     Kafka could be reached. One stopped before it was ready still reports ready, then ends.
+    `created` gets the worker as soon as it exists, before it is ready, so a signal during
+    start-up can stop it (`Worker.stop`) rather than cancel it without a word.
     """
     try:
         producer = await trio.to_thread.run_sync(
@@ -112,6 +119,7 @@ async def run(
     )
     sink = KafkaSink(producer, settings.kafka_topic, stats, metrics.delivery_latency.observe)
     worker = Worker(settings, sink, metrics)
+    created(worker)
     ready = False
 
     def started() -> None:
@@ -156,7 +164,7 @@ async def _run(
                 resume = await trio.to_thread.run_sync(resume_points, settings)
                 source = Source(settings, candles_in, worker.stats, resume=resume)
                 await nursery.start(source.run)
-                await telemetry.send("started", f"started streaming {_streams(settings)}")
+                await telemetry.start()
                 nursery.start_soon(telemetry.report_progress, worker.progress)
                 if settings.stop_at is not None:
                     nursery.start_soon(_stop_at, worker, settings.stop_at)
@@ -175,7 +183,7 @@ async def _run(
         outcome = _outcome(worker, failure)
         if failure is not None:
             log.error("run failed: %s", outcome.message, exc_info=failure)
-        await telemetry.final(outcome.status, outcome.message)
+        await telemetry.final(outcome.status, outcome.message, outcome.exit_code)
     return outcome
 
 
@@ -186,8 +194,8 @@ def _outcome(worker: Worker, failure: BaseException | None) -> Outcome:
         return Outcome(
             "error", f"failed after {written} candles: {describe(failure)}", written, code
         )
-    status, reason = worker.stopped or ("interrupted", "cancelled by the caller")
-    return Outcome(status, f"{reason}; {written} candles written", written, 0)
+    status, reason, code = worker.stopped or ("interrupted", "cancelled by the caller", 0)
+    return Outcome(status, f"{reason}; {written} candles written", written, code)
 
 
 def _first_failure(exc: BaseException) -> BaseException:
@@ -195,12 +203,6 @@ def _first_failure(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
-
-
-def _streams(settings: Settings) -> str:
-    names = settings.stream_names
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    return f"{shown} into {settings.kafka_topic}"
 
 
 async def _stop_at(worker: Worker, stop_at: float) -> None:

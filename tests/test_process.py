@@ -51,6 +51,9 @@ async def test_signal_stops_gracefully(kafka: KafkaBroker, signum: int, code: in
     assert events[0]["status"] == "started"
     assert events[-1]["status"] == "interrupted"
     assert f"stopped by {name}" in events[-1]["message"]
+    # Not final: the Job starts a new pod, which resumes from the topic.
+    assert events[-1]["finished"] is False
+    assert f"exit {code}: the Job will retry" in events[-1]["message"]
     written = await read_topic(kafka, topic)
     assert events[-1]["records_written"] == len(written)
     text = output.decode()

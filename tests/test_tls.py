@@ -15,7 +15,14 @@ import pytest
 import trio
 import trustme
 from kafka_broker import KafkaBroker
-from worker_tools import env_without_kafka_vars, running_worker, worker_env, worker_settings
+from worker_tools import (
+    env_without_kafka_vars,
+    read_topic,
+    running_worker,
+    telemetry,
+    worker_env,
+    worker_settings,
+)
 
 from loader import FatalError, KafkaSettings, Secret, run
 from loader.kafka import KafkaFailure, open_producer
@@ -80,6 +87,10 @@ async def test_an_untrusted_binance_certificate_ends_the_run_naming_it(
     assert "127.0.0.1" in message
     assert "\n" not in message
     assert elapsed < 25
+    # Final: the Job will not retry (exit 2), and the queue manager is told so.
+    events = telemetry(await read_topic(kafka, settings.queue_events_topic, expected=2))
+    assert [(e["status"], e["finished"]) for e in events] == [("started", False), ("error", True)]
+    assert "certificate" in events[-1]["message"]
 
 
 async def test_an_untrusted_binance_certificate_exits_2_with_one_line(

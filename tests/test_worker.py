@@ -121,7 +121,8 @@ async def test_telemetry_sequence_and_counts(kafka: KafkaBroker) -> None:
         assert e["symbol"] == "BTCUSDT"
         assert e["type"] == "ws_candles"
         assert e["producer"] == "loader-test"
-        assert e["finished"] is False
+        # A stop is a final outcome: only the terminal event says finished.
+        assert e["finished"] is (e is events[-1])
         assert isinstance(e["timestamp"], float)
     assert "stopped by the test" in events[-1]["message"]
     keys = {r.key for r in await read_topic(kafka, settings.queue_events_topic)}
