@@ -11,7 +11,11 @@ from typing import Any
 
 import trio
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaTimeoutError, SaslAuthenticationFailedError
+from kafka.errors import (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    SaslAuthenticationFailedError,
+)
 
 from loader.settings import KafkaSettings
 
@@ -19,6 +23,9 @@ log = logging.getLogger(__name__)
 
 # kafka-python's close()/flush() wait forever without one; Job termination must not.
 CLOSE_TIMEOUT = 5.0
+# Bootstrap attempts cut during the SASL login, in a row, taken for a refused password: one
+# could be a broker restarting; three in a second are not.
+CUT_LOGINS = 3
 
 
 class KafkaFailure(Exception):
@@ -79,16 +86,27 @@ class _Causes(logging.Handler):
         self.kafka = kafka
         self.messages: collections.deque[str] = collections.deque(maxlen=50)
         self.hopeless: str | None = None
+        # Consecutive bootstrap attempts the broker hung up on in the middle of the login.
+        self.cut_logins = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
         hopeless = _hopeless(record, self.kafka)
+        # The bootstrap loop logs each failed attempt before its next one.
+        attempt = record.name == "kafka.net.manager" and record.funcName == "_do_bootstrap"
+        if attempt and hopeless is None and (failure := _exception(record)) is not None:
+            self.cut_logins = self.cut_logins + 1 if _cut_during_login(failure) else 0
+            if self.cut_logins >= CUT_LOGINS:
+                hopeless = (
+                    f"Kafka closed the connection during the login of user {self.kafka.user!r} "
+                    f"({self.kafka.sasl_mechanism}) {self.cut_logins} times in a row: most "
+                    "likely a wrong user name or password (kafka-python loses the broker's "
+                    "reply when the close comes with it)"
+                )
         if hopeless is not None:
             self.hopeless = hopeless
-            # The bootstrap loop logs each failed attempt before its next one; raising
-            # from that log call ends the loop with this exception.
-            if record.name == "kafka.net.manager" and record.funcName == "_do_bootstrap":
-                raise _Hopeless(hopeless)
+            if attempt:
+                raise _Hopeless(hopeless)  # raised from the log call, it ends the loop
 
     def explain(self) -> str:
         if self.hopeless is not None:
@@ -98,6 +116,25 @@ class _Causes(logging.Handler):
                 if marker in message:
                     return f" (kafka-python reported: {message})"
         return ""
+
+
+def _exception(record: logging.LogRecord) -> BaseException | None:
+    args = record.args if isinstance(record.args, tuple) else ()
+    return next((a for a in args if isinstance(a, BaseException)), None)
+
+
+def _cut_during_login(exc: BaseException) -> bool:
+    """Whether the connection broke while kafka-python was in its SASL login. The broker
+    answers a wrong password with an error and closes the connection; kafka-python 3.0.12
+    drops that reply when both arrive in one read, and reports only a disconnect."""
+    if not isinstance(exc, KafkaConnectionError):
+        return False
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_name == "_sasl_authenticate":
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _hopeless(record: logging.LogRecord, kafka: KafkaSettings) -> str | None:
