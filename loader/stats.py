@@ -27,6 +27,19 @@ class Stats:
     malformed: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     reconnects: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     control_ignored: int = 0
+    # Closed candles that can no longer be had (beyond BACKFILL_WINDOW, or absent from
+    # history): each hole is also logged and reported in telemetry.
+    candles_lost: int = 0
+    holes: int = 0
+    # Frames a replacement connection buffered and never published (it died first, or its
+    # buffer overflowed); held candles shed during a long fill. Their gaps are filled.
+    pending_dropped: int = 0
+    held_evicted: int = 0
+    fills_started: int = 0
+    history_connections: int = 0
+    history_errors: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
     last_frame_at: float = dataclasses.field(default_factory=time.monotonic)
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -52,16 +53,29 @@ class Worker:
         self.outcome: Outcome | None = None
         # The bound port when METRICS_PORT is set (0 there picks a free one).
         self.metrics_port: int | None = None
+        self.source: Source | None = None
         self._done = trio.Event()
+        self._stop_requested = trio.Event()
 
     @property
     def records_written(self) -> int:
         return self.sink.records_written
 
     def stop(self, reason: str = "stopped", status: Status = "interrupted") -> None:
-        """End the run gracefully: the reader stops now, what was received is delivered."""
+        """End the run gracefully: fills in progress finish (bounded), then the reader stops
+        and what was received is delivered."""
         if self.stopped is None:
             self.stopped = (status, reason)
+        if self.source is None or self.source.backfiller.active == 0:
+            self.scope.cancel()
+        else:
+            self._stop_requested.set()
+
+    async def _stop_after_fills(self) -> None:
+        await self._stop_requested.wait()
+        if self.source is not None:
+            with trio.move_on_after(self.settings.stop_grace / 2):
+                await self.source.backfiller.idle()
         self.scope.cancel()
 
     async def wait_written(self, count: int) -> None:
@@ -150,14 +164,27 @@ async def _run(
                                 health_timeout=settings.health_timeout)
                     )  # fmt: skip
                 await nursery.start(sink.run, candles_out)
+                nursery.start_soon(worker._stop_after_fills)
                 await nursery.start(watch_control, settings, worker.stop, worker.stats)
-                resume = await trio.to_thread.run_sync(resume_points, settings)
-                source = Source(settings, candles_in, worker.stats, resume=resume)
+                stop_reading = threading.Event()
+                try:
+                    resume = await trio.to_thread.run_sync(
+                        resume_points, settings, stop_reading, abandon_on_cancel=True
+                    )
+                finally:
+                    stop_reading.set()  # a stop during the scan ends the thread's reading too
+                holes_in, holes_out = trio.open_memory_channel[str](64)
+                source = Source(
+                    settings, candles_in, worker.stats, resume=resume,
+                    on_hole=lambda message: _offer(holes_in, message),
+                )  # fmt: skip
                 await nursery.start(source.run)
+                worker.source = source
                 await telemetry.send("started", f"started streaming {_streams(settings)}")
                 nursery.start_soon(telemetry.report_progress, worker.progress)
+                nursery.start_soon(_report_holes, telemetry, holes_out)
                 if settings.stop_at is not None:
-                    nursery.start_soon(_stop_at, worker, settings.stop_at)
+                    nursery.start_soon(_stop_at, worker, source, settings.stop_at)
                 started()
     except Exception as exc:
         failure = _first_failure(exc)
@@ -185,7 +212,7 @@ def _outcome(worker: Worker, failure: BaseException | None) -> Outcome:
             "error", f"failed after {written} candles: {describe(failure)}", written, code
         )
     status, reason = worker.stopped or ("interrupted", "cancelled by the caller")
-    return Outcome(status, f"{reason}; {written} candles written", written, 0)
+    return Outcome(status, f"{reason}; {written} candles written", written, int(status == "error"))
 
 
 def _first_failure(exc: BaseException) -> BaseException:
@@ -201,6 +228,32 @@ def _streams(settings: Settings) -> str:
     return f"{shown} into {settings.kafka_topic}"
 
 
-async def _stop_at(worker: Worker, stop_at: float) -> None:
-    await trio.sleep(max(0.0, stop_at - time.time()))
+def _offer(channel: trio.MemorySendChannel[str], message: str) -> None:
+    # The hole is logged and counted already; telemetry of a flood of them may be shed.
+    try:
+        channel.send_nowait(message)
+    except trio.WouldBlock:
+        log.warning("hole not reported in telemetry (too many at once): %s", message)
+
+
+async def _report_holes(telemetry: Telemetry, holes: trio.MemoryReceiveChannel[str]) -> None:
+    async for message in holes:
+        await telemetry.send("loading", f"hole: {message}")
+
+
+async def _stop_at(worker: Worker, source: Source, stop_at: float) -> None:
+    """`finished` means every candle closing at or before STOP_AT is in Kafka: once the
+    moment has come (by our clock or by Binance's, whichever says so first), wait, bounded,
+    for the last candles to close and for any fill, then stop."""
+    stop_ms = int(stop_at * 1000)
+    with trio.move_on_at(trio.current_time() + max(0.0, stop_at - time.time())):
+        await source.router.wait_event_time(stop_ms)
+    short = await source.complete_until(stop_ms, worker.settings.stop_grace)
+    if short:
+        names = ", ".join(f"{s} {i}" for s, i in short[:5])
+        worker.stop(
+            f"reached STOP_AT, but {len(short)} stream(s) lack candles closing before it ({names})",
+            status="error",
+        )
+        return
     worker.stop("reached STOP_AT", status="finished")
