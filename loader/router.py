@@ -69,7 +69,10 @@ class Router:
             self.skip("unexpected_stream", f"{k.symbol} {k.interval} was not asked for")
             return
         event_time = event.event_time
-        self.latest_event_ms = max(self.latest_event_ms, event_time)
+        if event_time > self.latest_event_ms:
+            self.latest_event_ms = event_time
+            if event_time > self._watch_ms:
+                self._watch.set()
         gap = guard.observe(k.open_time, event_time)
         if gap is not None:
             self.gap(stream, guard, gap)
@@ -85,24 +88,27 @@ class Router:
             else:
                 self.stats.duplicates_dropped += 1
         elif self.all_candles:
-            if not guard.update(k.open_time, event_time):
-                if not guard.filling:
-                    self.stats.duplicates_dropped += 1
-                return
-            try:
-                candle = to_candle(k, with_state=True)
-            except BadFrame as bad:
-                self.skip(bad.kind, str(bad))
-                return
-            # An update is superseded by the next one: under backpressure it is shed, so the
-            # reader keeps reading and trio-websocket keeps answering pings.
-            try:
-                self.candles.send_nowait(candle)
-            except trio.WouldBlock:
-                self.stats.updates_shed += 1
-                return
-            guard.update_published(event_time)
-            self.stats.candles_published += 1
+            self._update(guard, k, event_time)
+
+    def _update(self, guard: Guard, k: Kline, event_time: int) -> None:
+        if not guard.update(k.open_time, event_time):
+            if not guard.filling:
+                self.stats.duplicates_dropped += 1
+            return
+        try:
+            candle = to_candle(k, with_state=True)
+        except BadFrame as bad:
+            self.skip(bad.kind, str(bad))
+            return
+        # An update is superseded by the next one: under backpressure it is shed, so the
+        # reader keeps reading and trio-websocket keeps answering pings.
+        try:
+            self.candles.send_nowait(candle)
+        except trio.WouldBlock:
+            self.stats.updates_shed += 1
+            return
+        guard.update_published(event_time)
+        self.stats.candles_published += 1
 
     async def wait_event_time(self, ms: int) -> None:
         """Return once a frame shows Binance's clock past `ms`."""

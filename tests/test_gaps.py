@@ -1,0 +1,178 @@
+"""Every interval, every outage: the topic holds exactly the emulator's closed candles.
+
+For each of the 16 intervals: a disconnect across one close, across several closes, a
+SIGKILL and restart across closes, and STOP_AT. The emulator's market clock jumps (weeks and
+months in a blink), so a monthly stream takes as long as a one-second one. Each gap must be
+filled from the frames alone: after the reconnect only in-progress updates arrive until the
+test moves the clock again.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import trio
+from kafka_broker import KafkaBroker
+from worker_tools import (
+    assert_matches_market,
+    candles,
+    env_without_kafka_vars,
+    read_topic,
+    running_worker,
+    worker_env,
+    worker_settings,
+)
+
+from loader import Worker
+from loader.intervals import INTERVALS, candle_open
+from loader.testing import Emulator, EmulatorConfig, open_emulator
+
+pytestmark = pytest.mark.anyio
+
+# The market all but stands still: only the test moves it (`advance`), so what closes when
+# is exact whatever the machine's pace.
+CLOCK = EmulatorConfig(speed=1e-6, seed=3, ping_interval=0.5, pong_timeout=2.0)
+SYMBOL = "BTCUSDT"
+# Long enough for several monthly candles: an outage within it is filled, not a hole.
+WIDE_WINDOW = str(400 * 86_400)
+# A gap after a reconnect is filled within this (seconds), without any candle closing.
+FILL_WITHIN = 10.0
+
+
+def _open(emulator: Emulator, interval: str, index: int) -> int:
+    return emulator.market.open_time(interval, index)
+
+
+def _past_close(emulator: Emulator, interval: str, index: int) -> None:
+    """Move the market just past the open of candle `index`: the candles before it closed
+    (their closing frames sent), and, but for 1s, one update of candle `index`."""
+    emulator.advance_to(_open(emulator, interval, index) + (500 if interval == "1s" else 3_000))
+
+
+def _nudge(emulator: Emulator, interval: str, index: int) -> int:
+    """After a reconnect: frames that show candle `index` open, without closing it (`1s`
+    candles only ever send closing frames: there, candle `index` closes). Returns the
+    index of the newest closed candle."""
+    if interval == "1s":
+        _past_close(emulator, interval, index + 1)
+        return index
+    emulator.advance(2_000)
+    return index - 1
+
+
+async def _written(worker: Worker, count: int) -> None:
+    with trio.fail_after(FILL_WITHIN):
+        await worker.wait_written(count)
+
+
+async def _check(kafka: KafkaBroker, emulator: Emulator, topic: str, interval: str,
+                 first: int, last: int, *, more: bool = False) -> list[int]:  # fmt: skip
+    """The topic holds candles `first..last` (and, with `more`, maybe later ones), each
+    once, in order, equal to the market's."""
+    records = await read_topic(kafka, topic)
+    published = candles(records)
+    opens = [c["open_time"] for c in published]
+    expected = [_open(emulator, interval, i) for i in range(first, last + 1)]
+    assert (opens[: len(expected)] if more else opens) == expected
+    assert_matches_market(published, emulator, SYMBOL, interval)
+    return opens
+
+
+def _config(interval: str) -> EmulatorConfig:
+    # Candle 0 opens at the current candle's open: a market in step with the wall clock.
+    return CLOCK.replace(start_ms=candle_open(interval, int(time.time() * 1000)))
+
+
+async def _new_topic(kafka: KafkaBroker, name: str) -> str:
+    return await trio.to_thread.run_sync(kafka.new_topic, name)
+
+
+@pytest.mark.parametrize("interval", INTERVALS)
+@pytest.mark.parametrize("closes", [1, 4])
+async def test_disconnect_across_closes(kafka: KafkaBroker, interval: str, closes: int) -> None:
+    topic = await _new_topic(kafka, f"gap-{closes}-{interval.replace('M', 'mo')}")
+    async with open_emulator(_config(interval)) as emulator:
+        settings = worker_settings(kafka, emulator, topic, SYMBOL=SYMBOL, INTERVAL=interval,
+                                   BACKFILL_WINDOW=WIDE_WINDOW, STALL_TIMEOUT="1")  # fmt: skip
+        async with running_worker(settings) as worker:
+            await emulator.wait_connections(1)
+            _past_close(emulator, interval, 2)
+            await _written(worker, 2)
+            # The outage: frames published meanwhile are lost, then the socket dies.
+            emulator.stall()
+            _past_close(emulator, interval, 2 + closes)
+            emulator.drop()
+            await emulator.wait_for(lambda e: e.stream_handshakes >= 2)
+            # Only updates of the open candle follow: the gap must be known from them.
+            newest = _nudge(emulator, interval, 2 + closes)
+            await _written(worker, newest + 1)
+            _past_close(emulator, interval, newest + 2)
+            await _written(worker, newest + 2)
+            worker.stop()
+            await worker.finished()
+        await _check(kafka, emulator, topic, interval, 0, newest + 1)
+    assert worker.stats.candles_backfilled == closes
+    assert worker.stats.candles_lost == 0
+
+
+@pytest.mark.parametrize("interval", INTERVALS)
+async def test_sigkill_restart_across_closes(kafka: KafkaBroker, interval: str) -> None:
+    topic = await _new_topic(kafka, f"gap-kill-{interval.replace('M', 'mo')}")
+    async with open_emulator(_config(interval)) as emulator:
+        extra = {"SYMBOL": SYMBOL, "INTERVAL": interval, "BACKFILL_WINDOW": WIDE_WINDOW}
+        env = env_without_kafka_vars(os.environ) | worker_env(
+            kafka, emulator, topic, SYMBOL=SYMBOL, INTERVAL=interval, BACKFILL_WINDOW=WIDE_WINDOW
+        )
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "loader"], env=env, stdout=subprocess.DEVNULL
+        )
+        try:
+            await emulator.wait_connections(1)
+            _past_close(emulator, interval, 2)
+            with trio.fail_after(20):
+                await read_topic(kafka, topic, expected=2)
+        finally:
+            process.kill()
+            await process.wait()
+        # Three candles close while no worker runs.
+        _past_close(emulator, interval, 5)
+        settings = worker_settings(kafka, emulator, topic, **extra)
+        async with running_worker(settings) as worker:
+            await emulator.wait_for(lambda e: e.stream_handshakes >= 2)
+            newest = _nudge(emulator, interval, 5)
+            await _written(worker, newest - 1)
+            _past_close(emulator, interval, newest + 2)
+            await _written(worker, newest)
+            worker.stop()
+            await worker.finished()
+        await _check(kafka, emulator, topic, interval, 0, newest + 1)
+    assert worker.stats.candles_backfilled == 3
+
+
+@pytest.mark.parametrize("interval", INTERVALS)
+async def test_stop_at_waits_for_the_last_candle(kafka: KafkaBroker, interval: str) -> None:
+    """STOP_AT falls while the connection is dead: the candle closing at STOP_AT comes from
+    history, and `finished` is said only once it is in Kafka."""
+    topic = await _new_topic(kafka, f"gap-stop-at-{interval.replace('M', 'mo')}")
+    async with open_emulator(_config(interval)) as emulator:
+        stop_at = _open(emulator, interval, 3) - 1  # the close of candle 2
+        settings = worker_settings(kafka, emulator, topic, SYMBOL=SYMBOL, INTERVAL=interval,
+                                   STOP_AT=str(stop_at), STALL_TIMEOUT="0.5")  # fmt: skip
+        async with running_worker(settings) as worker:
+            await emulator.wait_connections(1)
+            _past_close(emulator, interval, 2)
+            await _written(worker, 2)
+            emulator.stall()
+            _past_close(emulator, interval, 3)
+            # The stalled connection is replaced; Binance's clock, past STOP_AT, shows.
+            await emulator.wait_for(lambda e: e.stream_handshakes >= 2)
+            _nudge(emulator, interval, 3)
+            with trio.fail_after(30):
+                outcome = await worker.finished()
+        assert (outcome.status, outcome.exit_code) == ("finished", 0), outcome.message
+        # The candle closing at STOP_AT is in; a 1s one after it may be too.
+        await _check(kafka, emulator, topic, interval, 0, 2, more=True)
