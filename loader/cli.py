@@ -20,19 +20,10 @@ from loader.worker import Outcome, Worker, run
 log = logging.getLogger("loader")
 
 
-class _Ready:
-    """A task status that keeps the worker handle, for stopping it on a signal."""
-
-    def __init__(self) -> None:
-        self.worker: Worker | None = None
-
-    def started(self, value: Worker | None = None) -> None:
-        self.worker = value
-
-
 async def serve(settings: Settings) -> int:
-    """Run the worker until it ends; SIGTERM/SIGINT stop it gracefully. Returns the exit code."""
-    ready = _Ready()
+    """Run the worker until it ends; SIGTERM/SIGINT stop it gracefully, at any moment, within
+    its shutdown budget. Returns the exit code."""
+    worker = Worker(settings)
     received: int | None = None
     outcome: Outcome | None = None
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -43,15 +34,14 @@ async def serve(settings: Settings) -> int:
                 async for signum in signals:
                     received = received or signum
                     name = signal.Signals(signum).name
-                    if ready.worker is not None:
-                        ready.worker.stop(f"stopped by {name}")
-                    else:
-                        nursery.cancel_scope.cancel()
+                    # Kubernetes sends SIGTERM to evict, drain or replace the pod: the Job
+                    # starts the work again, so the outcome is not final.
+                    worker.stop(f"stopped by {name}", final=False)
 
             async def main() -> None:
                 nonlocal outcome
                 try:
-                    outcome = await run(settings, task_status=ready)
+                    outcome = await run(settings, worker=worker)
                 except FatalError as exc:
                     log.error("could not start: %s", exc)
                     outcome = Outcome("error", str(exc), 0, exc.exit_code)

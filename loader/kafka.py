@@ -120,6 +120,23 @@ def open_producer(kafka: KafkaSettings, *, delivery_timeout: float) -> KafkaProd
         )
 
 
+def publish_once(
+    kafka: KafkaSettings, topic: str, key: bytes, value: bytes, seconds: float
+) -> None:
+    """Blocking: one record through a producer of its own, acknowledged, within `seconds`."""
+    with _failure_cause("producer", kafka):
+        producer = KafkaProducer(
+            **client_config(kafka, timeout=seconds, request_timeout=seconds),
+            acks="all",
+            max_block_ms=int(seconds * 1000),
+            metrics_enabled=False,
+        )
+    try:
+        producer.send(topic, value=value, key=key).get(timeout=seconds)
+    finally:
+        _close(producer, 0.5)
+
+
 def open_consumer(
     kafka: KafkaSettings, *, timeout: float, request_timeout: float = 30.0
 ) -> KafkaConsumer:
@@ -152,19 +169,19 @@ def offsets_since(
     }
 
 
-async def aclose(client: KafkaProducer | KafkaConsumer) -> None:
-    """Close in a thread, bounded, even when the caller is being cancelled."""
+async def aclose(client: KafkaProducer | KafkaConsumer, seconds: float = CLOSE_TIMEOUT) -> None:
+    """Close in a thread, within `seconds`, even when the caller is being cancelled."""
     with trio.CancelScope(shield=True):
         try:
-            await trio.to_thread.run_sync(_close, client)
+            await trio.to_thread.run_sync(_close, client, seconds)
         except Exception:
             log.exception("closing the Kafka client failed")
 
 
-def _close(client: KafkaProducer | KafkaConsumer) -> None:
+def _close(client: KafkaProducer | KafkaConsumer, timeout: float) -> None:
     if isinstance(client, KafkaProducer):
         try:
-            client.close(timeout=CLOSE_TIMEOUT)
+            client.close(timeout=timeout)
         except KafkaTimeoutError:
             # close() flushes first and, when Kafka is gone, gives up before stopping its
             # sender thread (and would try again from __del__). What is unsent was already
@@ -172,4 +189,4 @@ def _close(client: KafkaProducer | KafkaConsumer) -> None:
             client.flush = lambda timeout=None: None
             client.close(timeout=0)
     else:
-        client.close(autocommit=False, timeout_ms=int(CLOSE_TIMEOUT * 1000))
+        client.close(autocommit=False, timeout_ms=int(timeout * 1000))

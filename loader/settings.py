@@ -19,6 +19,9 @@ import msgspec
 from loader.binance import INTERVALS, stream_name
 
 MAX_STREAMS: Final = 1024
+# What the shutdown budget leaves of the pod's grace period: the process's own exit, and a
+# kubelet that counts from a little earlier than the signal arrives.
+SHUTDOWN_MARGIN: Final = 5.0
 SASL_MECHANISMS: Final = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
 DEFAULT_BOOTSTRAP: Final = "localhost:9092"
 DEFAULT_WS_URL: Final = "wss://stream.binance.com:9443/ws"
@@ -92,7 +95,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Publish every in-progress update too, not just closed candles.
     all_candles: bool = False
     telemetry_interval: float = 10.0
+    # At most this long to deliver what was received, once the run is told to stop.
     stop_grace: float = 10.0
+    # The pod's terminationGracePeriodSeconds: from a stop or SIGTERM, the run ends (terminal
+    # event sent, producer closed) within it less SHUTDOWN_MARGIN.
+    termination_grace: float = 30.0
     # kafka-python retries a record until this; past it the run ends with `error`.
     delivery_timeout: float = 120.0
     # Epoch seconds after which the run ends as `finished`.
@@ -112,6 +119,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # /healthz fails when no frame arrived, or Kafka acknowledged nothing pending, this long.
     health_timeout: float = 60.0
     log_format: LogFormat = "auto"
+
+    @property
+    def shutdown_budget(self) -> float:
+        """Seconds from a stop to the end of the run, everything included."""
+        return max(1.0, self.termination_grace - SHUTDOWN_MARGIN)
 
     @property
     def streams(self) -> tuple[tuple[str, str], ...]:
@@ -279,6 +291,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         all_candles=candles == "all",
         telemetry_interval=_seconds(r, "TELEMETRY_INTERVAL", 10.0),
         stop_grace=_seconds(r, "STOP_GRACE", 10.0),
+        termination_grace=_seconds(r, "TERMINATION_GRACE_PERIOD", 30.0),
         delivery_timeout=_seconds(r, "KAFKA_DELIVERY_TIMEOUT", 120.0),
         stop_at=r.parse("STOP_AT", None, _stop_at, "an ISO 8601 time or epoch milliseconds"),
         control_lookback=_seconds(r, "CONTROL_LOOKBACK", 3600.0),

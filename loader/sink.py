@@ -2,8 +2,8 @@
 
 kafka-python is blocking, so each batch is handed to it in one `trio.to_thread` call; its
 futures settle in kafka-python's own I/O thread and wake Trio once per batch. Batches are
-pipelined (several in flight) and settled strictly in order, so `records_written` is always a
-prefix of what was sent.
+pipelined (several in flight) and settled strictly in order, so the acknowledged count is always
+a prefix of what was sent.
 """
 
 from __future__ import annotations
@@ -71,12 +71,14 @@ class KafkaSink:
         topic: str,
         stats: Stats,
         observe_latency: Callable[[float], object] = lambda _: None,
+        *,
+        on_acknowledged: Callable[[], None] = lambda: None,
     ) -> None:
         self.producer = producer
         self.topic = topic
         self.stats = stats
         self.observe_latency = observe_latency
-        self._acknowledged = trio.Event()
+        self.on_acknowledged = on_acknowledged
         self._unacked: collections.deque[Pending] = collections.deque()
         self._encode = msgspec.json.Encoder().encode
         self._partitions: dict[bytes, int] = {}
@@ -171,20 +173,7 @@ class KafkaSink:
         self.stats.candles_acknowledged += pending.count
         self.stats.last_ack_at = now = time.monotonic()
         self.observe_latency(now - pending.sent_at)
-        self.wake()
-
-    async def progressed(self) -> None:
-        """Return at the next acknowledgement, or when `wake` is called."""
-        await self._acknowledged.wait()
-
-    def wake(self) -> None:
-        self._acknowledged.set()
-        self._acknowledged = trio.Event()
-
-    @property
-    def records_written(self) -> int:
-        """Candles Kafka acknowledged: what telemetry reports."""
-        return self.stats.candles_acknowledged
+        self.on_acknowledged()
 
 
 def _drain(channel: trio.MemoryReceiveChannel[Candle], limit: int) -> list[Candle]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import trio
@@ -12,23 +12,36 @@ import trio
 from loader.kafka import describe
 from loader.schema import Status, TelemetryEvent
 from loader.settings import Settings
-from loader.sink import KafkaSink
 
 log = logging.getLogger(__name__)
 
 TERMINAL_TIMEOUT = 5.0
 
 
-class Telemetry:
-    """Sends `started`, periodic `loading`, and exactly one terminal event."""
+Publish = Callable[[str, bytes, bytes], Awaitable[None]]
 
-    def __init__(self, settings: Settings, sink: KafkaSink) -> None:
+
+class Telemetry:
+    """Sends `started`, periodic `loading`, and exactly one terminal event, whose `finished`
+    says whether the outcome is final (nothing will retry or restart the work)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        records_written: Callable[[], int],
+        publish: Publish,
+        fallback: Publish | None = None,
+    ) -> None:
         self.settings = settings
-        self.sink = sink
+        self.records_written = records_written
+        self.publish = publish
+        # For the terminal event when `publish` failed: an idempotent producer that met a fatal
+        # error refuses everything after it, telemetry included, yet the failure must be told.
+        self.fallback = fallback
         self.sent_terminal = False
         self._encode = msgspec.json.Encoder().encode
 
-    def event(self, status: Status, message: str) -> TelemetryEvent:
+    def event(self, status: Status, message: str, *, final: bool = False) -> TelemetryEvent:
         s = self.settings
         return TelemetryEvent(
             queue_id=s.queue_id,
@@ -36,20 +49,23 @@ class Telemetry:
             type=s.type,
             status=status,
             message=message,
-            records_written=self.sink.records_written,
-            finished=status == "finished",
+            records_written=self.records_written(),
+            finished=final,
             producer=s.telemetry_producer_id,
             timestamp=time.time(),
         )
 
-    async def send(self, status: Status, message: str) -> None:
+    async def send(self, status: Status, message: str, *, final: bool = False) -> None:
         """Send and wait for Kafka's acknowledgement; a refusal raises."""
         if status in ("interrupted", "error", "finished"):
             if self.sent_terminal:
                 raise RuntimeError("a terminal telemetry event was already sent")
             self.sent_terminal = True
-        event = self.event(status, message)
-        await self.sink.publish(
+        await self._send_by(self.publish, status, message, final)
+
+    async def _send_by(self, publish: Publish, status: Status, message: str, final: bool) -> None:
+        event = self.event(status, message, final=final)
+        await publish(
             self.settings.queue_events_topic, self.settings.queue_id.encode(), self._encode(event)
         )
         log.info("telemetry %s: %s", status, message)
@@ -60,14 +76,25 @@ class Telemetry:
             await trio.sleep(self.settings.telemetry_interval)
             await self.send("loading", describe_progress())
 
-    async def final(self, status: Status, message: str) -> bool:
-        """The terminal event, bounded and shielded: it must go out even while cancelled."""
-        with trio.CancelScope(shield=True), trio.move_on_after(TERMINAL_TIMEOUT) as scope:
+    async def final(self, status: Status, message: str, final: bool, *, deadline: float) -> bool:
+        """The terminal event, shielded (it must go out even while cancelled) and bounded by
+        `deadline` (trio time) and TERMINAL_TIMEOUT."""
+        deadline = min(deadline, trio.current_time() + TERMINAL_TIMEOUT)
+        with trio.CancelScope(shield=True), trio.move_on_at(deadline) as scope:
             try:
-                await self.send(status, message)
+                await self.send(status, message, final=final)
             except Exception as exc:
-                log.error("could not send the %s telemetry event: %s", status, describe(exc))
-                return False
+                if self.fallback is None:
+                    log.error("could not send the %s telemetry event: %s", status, describe(exc))
+                    return False
+                log.warning("the %s telemetry event goes by a new producer: %s", status,
+                            describe(exc))  # fmt: skip
+                try:
+                    await self._send_by(self.fallback, status, message, final)
+                except Exception as again:
+                    log.error("could not send the %s telemetry event: %s", status,
+                              describe(again))  # fmt: skip
+                    return False
         if scope.cancelled_caught:
             log.error("the %s telemetry event was not acknowledged in time", status)
             return False

@@ -2,6 +2,16 @@
 
 `run` is the embeddable entry point: `worker = await nursery.start(run, settings)` in a caller's
 nursery, then `worker.stop()` (or a stop command on the control topic) ends it gracefully.
+
+Every run that reaches Kafka sends `started` first and exactly one terminal event last, whose
+`finished` field says whether the outcome is final (see the README's telemetry table). From the
+moment it is told to stop (a command, SIGTERM, a failure), a run ends within its shutdown
+budget (`Settings.shutdown_budget`, from the pod's grace period), shared out as:
+
+    deliver what was received   until the budget's end less TELEMETRY_RESERVE + CLOSE_RESERVE
+                                (and at most STOP_GRACE)
+    the terminal event          until the budget's end less CLOSE_RESERVE
+    close the producer          what is left
 """
 
 from __future__ import annotations
@@ -14,10 +24,11 @@ from collections.abc import Callable
 from functools import partial
 
 import trio
+from kafka import KafkaProducer
 
 from loader.control import watch_control
 from loader.errors import FatalError
-from loader.kafka import KafkaFailure, aclose, describe, open_producer
+from loader.kafka import KafkaFailure, aclose, describe, open_producer, publish_once
 from loader.metrics import Metrics, serve_metrics
 from loader.resume import resume_points
 from loader.schema import Candle, Status
@@ -29,54 +40,87 @@ from loader.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+# Seconds of the shutdown budget kept for the terminal event, and for closing the producer.
+TELEMETRY_RESERVE = 3.0
+CLOSE_RESERVE = 2.0
+
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """How a run ended: the terminal telemetry status, its sentence, and the exit code."""
+    """How a run ended: the terminal telemetry status, its sentence, the exit code, and whether
+    it is final (`finished` in telemetry: no retry or restart will follow)."""
 
     status: Status
     message: str
     records_written: int
     exit_code: int
+    final: bool = True
 
 
 class Worker:
-    """Handle to a running worker: its counters, and `stop()`."""
+    """Handle to a run: its counters, and `stop()`. Made by `run`, or by a caller that needs to
+    stop the run before it is ready (pass it to `run` as `worker=`)."""
 
-    def __init__(self, settings: Settings, sink: KafkaSink, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.sink = sink
-        self.stats = sink.stats
-        self.metrics = metrics
+        self.stats = Stats()
+        self.sink: KafkaSink | None = None
+        self.metrics: Metrics | None = None
         self.scope = trio.CancelScope()
-        self.stopped: tuple[Status, str] | None = None
+        # (status, reason, final) of the first stop asked for.
+        self.stopped: tuple[Status, str, bool] | None = None
         self.outcome: Outcome | None = None
         # The bound port when METRICS_PORT is set (0 there picks a free one).
         self.metrics_port: int | None = None
         self.source: Source | None = None
+        self._stop_at: float | None = None  # trio time the stop was asked for
+        self._bootstrap: trio.CancelScope | None = None
+        self._progress = trio.Event()
         self._done = trio.Event()
         self._stop_requested = trio.Event()
 
     @property
     def records_written(self) -> int:
-        return self.sink.records_written
+        """Candles Kafka acknowledged: what telemetry reports."""
+        return self.stats.candles_acknowledged
 
-    def stop(self, reason: str = "stopped", status: Status = "interrupted") -> None:
-        """End the run gracefully: fills in progress finish (bounded), then the reader stops
-        and what was received is delivered."""
+    def stop(self, reason: str = "stopped", status: Status = "interrupted", *,
+             final: bool = True) -> None:  # fmt: skip
+        """End the run gracefully: fills in progress finish (bounded), then the reader stops,
+        what was received is delivered, and the terminal event says `reason`. `final=False`
+        when something will start the work again (a signal from Kubernetes: the Job
+        retries)."""
         if self.stopped is None:
-            self.stopped = (status, reason)
-        if self.source is None or self.source.backfiller.active == 0:
-            self.scope.cancel()
-        else:
-            self._stop_requested.set()
+            self.stopped = (status, reason, final)
+        self.shutdown_deadline()
+        filling = self.source is not None and self.source.backfiller.active > 0
+        if filling and not self._stop_requested.is_set():
+            self._stop_requested.set()  # `_stop_after_fills` cancels once they are done
+            return
+        self._cancel()
 
     async def _stop_after_fills(self) -> None:
         await self._stop_requested.wait()
         if self.source is not None:
-            with trio.move_on_after(self.settings.stop_grace / 2):
+            # A share of the shutdown budget: delivery and the terminal event need the rest.
+            left = self.shutdown_deadline() - trio.current_time()
+            with trio.move_on_after(min(self.settings.stop_grace / 2, left / 3)):
                 await self.source.backfiller.idle()
+        self._cancel()
+
+    def _cancel(self) -> None:
         self.scope.cancel()
+        if self._bootstrap is not None:
+            # A stop while Kafka is still being reached waits for it, within the budget, so the
+            # run can still say `started` and how it ended.
+            self._bootstrap.deadline = self.shutdown_deadline() - TELEMETRY_RESERVE * 2
+
+    def shutdown_deadline(self) -> float:
+        """The trio time by which the run must have ended, counted from the first stop (or
+        failure, or cancellation: the first call)."""
+        if self._stop_at is None:
+            self._stop_at = trio.current_time()
+        return self._stop_at + self.settings.shutdown_budget
 
     async def wait_written(self, count: int) -> None:
         """Return once Kafka acknowledged at least `count` candles; raise if the run ends
@@ -87,7 +131,12 @@ class Worker:
                     f"the run ended after {self.records_written} of {count} candles: "
                     f"{self.outcome.message}"
                 )
-            await self.sink.progressed()
+            await self._progress.wait()
+
+    def wake(self) -> None:
+        """Wake `wait_written`: candles were acknowledged, or the run ended."""
+        self._progress.set()
+        self._progress = trio.Event()
 
     async def finished(self) -> Outcome:
         """Wait until the run has ended (telemetry sent, Kafka closed) and say how."""
@@ -105,6 +154,7 @@ class Worker:
 async def run(
     settings: Settings,
     *,
+    worker: Worker | None = None,
     task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED,
 ) -> Outcome:
     """Run until stopped, `STOP_AT`, or a fatal error; return how it ended.
@@ -113,17 +163,14 @@ async def run(
     `FatalError` instead: there is no worker to hand out. Its `error` telemetry was sent if
     Kafka could be reached. One stopped before it was ready still reports ready, then ends.
     """
-    try:
-        producer = await trio.to_thread.run_sync(
-            lambda: open_producer(settings.kafka, delivery_timeout=settings.delivery_timeout)
-        )
-    except KafkaFailure as exc:
-        raise FatalError(str(exc)) from exc
+    worker = worker or Worker(settings)
+    producer = await _bootstrap(worker)
     candles_in, candles_out = trio.open_memory_channel[Candle](settings.channel_size)
-    stats = Stats()
-    metrics = Metrics(stats, lambda: candles_out.statistics().current_buffer_used)
-    sink = KafkaSink(producer, settings.kafka_topic, stats, metrics.delivery_latency.observe)
-    worker = Worker(settings, sink, metrics)
+    worker.metrics = Metrics(worker.stats, lambda: candles_out.statistics().current_buffer_used)
+    sink = worker.sink = KafkaSink(
+        producer, settings.kafka_topic, worker.stats, worker.metrics.delivery_latency.observe,
+        on_acknowledged=worker.wake,
+    )  # fmt: skip
     ready = False
 
     def started() -> None:
@@ -132,33 +179,62 @@ async def run(
         task_status.started(worker)
 
     try:
-        outcome = await _run(worker, candles_in, candles_out, started)
+        outcome = await _run(worker, sink, candles_in, candles_out, started)
     finally:
-        await aclose(producer)
+        timeout = max(0.5, worker.shutdown_deadline() - trio.current_time())
+        await aclose(producer, seconds=timeout)
     if not ready:
         if outcome.status == "error":
             raise FatalError(outcome.message, outcome.exit_code)
         started()
     worker.outcome = outcome
     worker._done.set()
-    sink.wake()
+    worker.wake()
     return outcome
+
+
+async def _bootstrap(worker: Worker) -> KafkaProducer:
+    """Reach Kafka. A stop meanwhile lets it finish within the shutdown budget (so the run can
+    still report); past that, or when the caller cancels, the attempt is abandoned."""
+    settings = worker.settings
+    with trio.CancelScope() as scope:
+        worker._bootstrap = scope
+        if worker.stopped is not None:
+            scope.deadline = worker.shutdown_deadline() - TELEMETRY_RESERVE * 2
+        try:
+            return await trio.to_thread.run_sync(
+                lambda: open_producer(settings.kafka, delivery_timeout=settings.delivery_timeout),
+                abandon_on_cancel=True,
+            )
+        except KafkaFailure as exc:
+            raise FatalError(str(exc)) from exc
+        finally:
+            worker._bootstrap = None
+    raise FatalError("stopped before Kafka could be reached")
 
 
 async def _run(
     worker: Worker,
+    sink: KafkaSink,
     candles_in: trio.MemorySendChannel[Candle],
     candles_out: trio.MemoryReceiveChannel[Candle],
     started: Callable[[], None],
 ) -> Outcome:
-    """The nursery: sink, control, source, telemetry; then drain and the terminal event."""
-    settings, sink = worker.settings, worker.sink
-    telemetry = Telemetry(settings, sink)
+    """`started`, then the nursery (sink, control, source, telemetry); then drain and the
+    terminal event, within the shutdown budget."""
+    settings = worker.settings
+    telemetry = Telemetry(
+        settings, lambda: worker.records_written, sink.publish, partial(_publish_once, settings)
+    )
     failure: BaseException | None = None
     try:
+        # First in every run, a run stopped at once included: shielded, and bounded.
+        with trio.CancelScope(shield=True), trio.fail_after(TELEMETRY_RESERVE * 2):
+            await telemetry.send("started", f"starting {_streams(settings)}")
         with worker.scope:
             async with trio.open_nursery() as nursery:
                 if settings.metrics_port is not None:
+                    assert worker.metrics is not None
                     worker.metrics_port = await nursery.start(
                         partial(serve_metrics, worker.metrics, settings.metrics_port,
                                 health_timeout=settings.health_timeout)
@@ -180,7 +256,7 @@ async def _run(
                 )  # fmt: skip
                 await nursery.start(source.run)
                 worker.source = source
-                await telemetry.send("started", f"started streaming {_streams(settings)}")
+                log.info("streaming %s", _streams(settings))
                 nursery.start_soon(telemetry.report_progress, worker.progress)
                 nursery.start_soon(_report_holes, telemetry, holes_out)
                 if settings.stop_at is not None:
@@ -190,9 +266,14 @@ async def _run(
         failure = _first_failure(exc)
     finally:
         # Runs on stop, on failure and on outside cancellation alike: deliver what was received.
+        deadline = worker.shutdown_deadline()
         if not isinstance(failure, KafkaFailure):
+            drain_until = min(
+                trio.current_time() + settings.stop_grace,
+                deadline - TELEMETRY_RESERVE - CLOSE_RESERVE,
+            )
             try:
-                await sink.drain(candles_out, trio.current_time() + settings.stop_grace)
+                await sink.drain(candles_out, drain_until)
             except KafkaFailure as exc:
                 if failure is not None:
                     log.error("after the failure, delivery failed too: %s", exc)
@@ -200,19 +281,31 @@ async def _run(
         outcome = _outcome(worker, failure)
         if failure is not None:
             log.error("run failed: %s", outcome.message, exc_info=failure)
-        await telemetry.final(outcome.status, outcome.message)
+        await telemetry.final(outcome.status, outcome.message, outcome.final,
+                              deadline=deadline - CLOSE_RESERVE)  # fmt: skip
     return outcome
+
+
+async def _publish_once(settings: Settings, topic: str, key: bytes, value: bytes) -> None:
+    """A record by a producer of its own (the caller bounds the time; past it, abandoned)."""
+    await trio.to_thread.run_sync(
+        partial(publish_once, settings.kafka, topic, key, value, TELEMETRY_RESERVE),
+        abandon_on_cancel=True,
+    )
 
 
 def _outcome(worker: Worker, failure: BaseException | None) -> Outcome:
     written = worker.records_written
     if failure is not None:
         code = failure.exit_code if isinstance(failure, FatalError) else 1
-        return Outcome(
-            "error", f"failed after {written} candles: {describe(failure)}", written, code
-        )
-    status, reason = worker.stopped or ("interrupted", "cancelled by the caller")
-    return Outcome(status, f"{reason}; {written} candles written", written, int(status == "error"))
+        final = code != 1
+        then = "retrying cannot help" if final else "not final: the Job will retry"
+        message = f"failed after {written} candles: {describe(failure)}; {then} (exit {code})"
+        return Outcome("error", message, written, code, final)
+    status, reason, final = worker.stopped or ("interrupted", "cancelled by the caller", True)
+    then = "" if final else "; not final: the Job will retry and resume from the topic"
+    code = 1 if status == "error" else 0
+    return Outcome(status, f"{reason}; {written} candles written{then}", written, code, final)
 
 
 def _first_failure(exc: BaseException) -> BaseException:
@@ -254,6 +347,7 @@ async def _stop_at(worker: Worker, source: Source, stop_at: float) -> None:
         worker.stop(
             f"reached STOP_AT, but {len(short)} stream(s) lack candles closing before it ({names})",
             status="error",
+            final=False,
         )
         return
     worker.stop("reached STOP_AT", status="finished")

@@ -9,24 +9,34 @@ The session fixture ``kafka`` (tests/conftest.py) hands tests a ``KafkaBroker``:
   The tests never start or stop it.
 * otherwise the local broker of ``kafka/broker.py``: started by ``up`` (a no-op
   when it already runs), and stopped at the end of the session only if this
-  session was the one that started it.
+  session was the one that started it. Before each test it is probed, and
+  restarted if it does not answer, so one broken test cannot fail the rest.
+
+Tests that stop, restart or freeze a broker use ``private_broker``: a broker of their own,
+in its own folder on free ports, so their failure cannot reach the shared one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from timing import scaled
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BROKER_SCRIPT = REPO_ROOT / "kafka" / "broker.py"
@@ -57,6 +67,9 @@ class KafkaBroker:
     password: str = field(repr=False)
     ca_path: str
     """PEM file of the CA that signed the SASL_SSL listener's certificate."""
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """The LOADER_KAFKA_* variables that make kafka/broker.py act on this broker (a private
+    one's folder and ports); empty for the shared broker."""
 
     def bootstrap(self, listener: Listener) -> str:
         return self.plaintext if listener == "plaintext" else self.sasl_ssl
@@ -106,7 +119,7 @@ class KafkaBroker:
         topic: str,
         *,
         expected: int | None = None,
-        timeout: float = 30.0,
+        timeout: float | None = None,
         listener: Listener = "plaintext",
     ) -> list[ConsumerRecord]:
         """Every record of topic, ordered by (partition, offset); no consumer group.
@@ -116,6 +129,7 @@ class KafkaBroker:
         to the end offsets of that moment, so that surplus records (duplicates)
         are returned too. Raises TimeoutError when that takes longer than timeout.
         """
+        timeout = scaled(30.0) if timeout is None else timeout
         deadline = time.monotonic() + timeout
         consumer = KafkaConsumer(**{**self.consumer_config(listener), "group_id": None})
         try:
@@ -179,14 +193,28 @@ def broker_from_env(environ: Mapping[str, str]) -> KafkaBroker | None:
     )
 
 
-def run_broker_script(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run kafka/broker.py with this interpreter (it needs nothing but the stdlib)."""
+def load_broker_module() -> ModuleType:
+    """kafka/broker.py as a module, for its probes and process helpers."""
+    spec = importlib.util.spec_from_file_location("local_kafka_broker", BROKER_SCRIPT)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and the like look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_broker_script(
+    *args: str, check: bool = True, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run kafka/broker.py with this interpreter (the project's, with its dev dependencies)."""
     result = subprocess.run(
         [sys.executable, str(BROKER_SCRIPT), *args],
         capture_output=True,
         text=True,
         check=False,
         cwd=REPO_ROOT,
+        env={**os.environ, **(env or {})},
     )
     if check and result.returncode != 0:
         raise RuntimeError(
@@ -202,34 +230,71 @@ def local_broker_running() -> bool:
     return status.returncode != 3
 
 
-def start_local_broker() -> KafkaBroker:
+def start_local_broker(env: Mapping[str, str] | None = None) -> KafkaBroker:
     """`broker.py up` (idempotent), then the broker that `broker.py env` describes."""
-    run_broker_script("up")
-    env = json.loads(run_broker_script("env", "--json").stdout)
-    broker = broker_from_env(env)
+    run_broker_script("up", env=env)
+    described = json.loads(run_broker_script("env", "--json", env=env).stdout)
+    broker = broker_from_env(described)
     assert broker is not None
-    return broker
+    return KafkaBroker(**{**broker.__dict__, "env": dict(env or {})})
 
 
-def stop_local_broker() -> None:
-    run_broker_script("down")
+def stop_local_broker(env: Mapping[str, str] | None = None) -> None:
+    run_broker_script("down", env=env)
 
 
-def local_broker_pid() -> int:
-    """The local broker's JVM, for tests that pause or restart the broker for real."""
-    status = json.loads(run_broker_script("status", "--json", check=False).stdout)
+def serves(broker: KafkaBroker) -> bool:
+    """A quick look (one metadata request on PLAINTEXT) at whether the broker answers."""
+    host, _, port = broker.plaintext.rpartition(":")
+    try:
+        _BROKER_MODULE.probe_plaintext(host, int(port))
+    except (OSError, _BROKER_MODULE.ProtocolError):
+        return False
+    return True
+
+
+def free_ports(count: int) -> list[int]:
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+@contextlib.contextmanager
+def private_broker(home: Path) -> Iterator[KafkaBroker]:
+    """A broker of the caller's own, in `home` on free ports; stopped (and checked gone)
+    afterwards. Reuses the shared broker's jars, so it costs one JVM start."""
+    plaintext, sasl_ssl, controller = free_ports(3)
+    env = {
+        "LOADER_KAFKA_HOME": str(home),
+        "LOADER_KAFKA_PLAINTEXT_PORT": str(plaintext),
+        "LOADER_KAFKA_SASL_SSL_PORT": str(sasl_ssl),
+        "LOADER_KAFKA_CONTROLLER_PORT": str(controller),
+    }
+    shared_libs = _BROKER_MODULE.Layout().libs
+    if _BROKER_MODULE.jars_present(_BROKER_MODULE.Layout()):
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "libs").symlink_to(shared_libs, target_is_directory=True)
+    broker = start_local_broker(env)
+    try:
+        yield broker
+    finally:
+        stop_local_broker(env)
+
+
+def local_broker_pid(broker: KafkaBroker) -> int:
+    """The broker's JVM, for tests that pause or restart a broker for real."""
+    status = json.loads(run_broker_script("status", "--json", check=False, env=broker.env).stdout)
     if not status.get("running"):
-        raise RuntimeError(
-            "this test pauses and restarts the broker, so it needs the local one "
-            "(kafka/broker.py), not an external broker"
-        )
+        raise RuntimeError(f"the broker at {broker.plaintext} does not run")
     return int(status["pid"])
 
 
-def wait_until_serving(broker: KafkaBroker, timeout: float = 60.0) -> None:
+def wait_until_serving(broker: KafkaBroker, timeout: float | None = None) -> None:
     """After a pause or restart, a KRaft broker is fenced for a while and refuses to create
     topics; poll until it creates one again."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + (scaled(60.0) if timeout is None else timeout)
     while True:
         try:
             broker.new_topic("serving-probe")
@@ -239,3 +304,6 @@ def wait_until_serving(broker: KafkaBroker, timeout: float = 60.0) -> None:
             time.sleep(0.5)
         else:
             return
+
+
+_BROKER_MODULE = load_broker_module()

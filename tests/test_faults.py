@@ -21,8 +21,10 @@ from worker_tools import (
     candles,
     env_without_kafka_vars,
     read_topic,
+    row,
     running_worker,
     telemetry,
+    terminal,
     worker_env,
     worker_settings,
 )
@@ -145,8 +147,8 @@ async def test_refused_handshakes_honour_retry_after(kafka: KafkaBroker, status:
     assert worker.stats.candles_backfilled > 0
 
 
-async def test_broker_restart_loses_and_repeats_nothing(kafka: KafkaBroker) -> None:
-    local_broker_pid()
+async def test_broker_restart_loses_and_repeats_nothing(private_kafka: KafkaBroker) -> None:
+    kafka = private_kafka
     topic = await _new_topic(kafka, "fault-broker-restart")
     async with open_emulator(FAST) as emulator:
         # A restart (stop, start, unfencing) can take longer than the tests' short default.
@@ -155,8 +157,8 @@ async def test_broker_restart_loses_and_repeats_nothing(kafka: KafkaBroker) -> N
         )
         async with running_worker(settings) as worker:
             await worker.wait_written(10)
-            await trio.to_thread.run_sync(run_broker_script, "down")
-            await trio.to_thread.run_sync(run_broker_script, "up")
+            await trio.to_thread.run_sync(lambda: run_broker_script("down", env=kafka.env))
+            await trio.to_thread.run_sync(lambda: run_broker_script("up", env=kafka.env))
             await trio.to_thread.run_sync(wait_until_serving, kafka)
             await worker.wait_written(worker.records_written + 20)
             worker.stop()
@@ -166,7 +168,7 @@ async def test_broker_restart_loses_and_repeats_nothing(kafka: KafkaBroker) -> N
 @asynccontextmanager
 async def broker_paused(kafka: KafkaBroker) -> AsyncIterator[None]:
     """The broker's JVM frozen (SIGSTOP): a real, total Kafka stall."""
-    pid = local_broker_pid()
+    pid = local_broker_pid(kafka)
     os.kill(pid, signal.SIGSTOP)
     try:
         yield
@@ -175,9 +177,10 @@ async def broker_paused(kafka: KafkaBroker) -> AsyncIterator[None]:
         await trio.to_thread.run_sync(wait_until_serving, kafka)
 
 
-async def test_slow_kafka_keeps_the_websocket(kafka: KafkaBroker) -> None:
+async def test_slow_kafka_keeps_the_websocket(private_kafka: KafkaBroker) -> None:
     """Kafka stalls for 3x Binance's pong timeout: backpressure reaches the reader, which
     sheds superseded updates and keeps answering pings; nothing closed is lost."""
+    kafka = private_kafka
     topic = await _new_topic(kafka, "fault-slow-kafka")
     async with open_emulator(FAST) as emulator:
         settings = worker_settings(
@@ -202,7 +205,10 @@ async def test_slow_kafka_keeps_the_websocket(kafka: KafkaBroker) -> None:
     assert sum(worker.stats.reconnects.values()) == 0
 
 
-async def test_unreachable_broker_past_delivery_timeout_is_an_error(kafka: KafkaBroker) -> None:
+async def test_unreachable_broker_past_delivery_timeout_is_an_error(
+    private_kafka: KafkaBroker,
+) -> None:
+    kafka = private_kafka
     topic = await _new_topic(kafka, "fault-dead-kafka")
     async with open_emulator(FAST) as emulator:
         settings = worker_settings(
@@ -225,7 +231,7 @@ async def test_wrong_symbol_ends_with_exit_2(kafka: KafkaBroker) -> None:
     assert (outcome.status, outcome.exit_code) == ("error", 2)
     assert "NOPEUSDT" in outcome.message
     events = telemetry(await read_topic(kafka, settings.queue_events_topic))
-    assert events[-1]["status"] == "error"
+    assert terminal(events, outcome.exit_code) == row("no stream left")
 
 
 async def test_killed_worker_resumes_from_the_topic(kafka: KafkaBroker) -> None:

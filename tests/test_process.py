@@ -11,7 +11,7 @@ import sys
 import pytest
 import trio
 from kafka_broker import KafkaBroker
-from worker_tools import env_without_kafka_vars, read_topic, telemetry, worker_env
+from worker_tools import env_without_kafka_vars, read_topic, row, telemetry, terminal, worker_env
 
 from loader.testing import EmulatorConfig, open_emulator
 
@@ -48,8 +48,7 @@ async def test_signal_stops_gracefully(kafka: KafkaBroker, signum: int, code: in
                 process.send_signal(signum)
                 assert await process.wait() == code
     events = telemetry(await read_topic(kafka, f"{topic}-events"))
-    assert events[0]["status"] == "started"
-    assert events[-1]["status"] == "interrupted"
+    assert terminal(events, code) == row(name)
     assert f"stopped by {name}" in events[-1]["message"]
     written = await read_topic(kafka, topic)
     assert events[-1]["records_written"] == len(written)

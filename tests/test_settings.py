@@ -30,6 +30,7 @@ def test_defaults() -> None:
     assert s.binance_ws_url == "wss://stream.binance.com:9443/ws"
     assert s.telemetry_interval == 10.0
     assert s.stop_grace == 10.0
+    assert (s.termination_grace, s.shutdown_budget) == (30.0, 25.0)
     assert not s.all_candles
 
 

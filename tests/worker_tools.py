@@ -6,11 +6,13 @@ import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import trio
 from kafka import KafkaProducer
 from kafka_broker import KafkaBroker, Listener
+from timing import scaled
 
 from loader import Settings, Worker, load_settings, run
 from loader.testing import Emulator, Kline
@@ -46,7 +48,7 @@ def worker_env(
         "QUEUE_EVENTS_TOPIC": f"{topic}-events",
         "BINANCE_WS_URL": emulator.raw_url(),
         "BINANCE_API_URL": emulator.ws_api_url,
-        "KAFKA_DELIVERY_TIMEOUT": "20",
+        "KAFKA_DELIVERY_TIMEOUT": str(scaled(20)),
     }
     if listener == "sasl_ssl":
         env |= {
@@ -127,6 +129,33 @@ def telemetry(records: list[Any]) -> list[dict[str, Any]]:
     for event in events:
         assert list(event) == TELEMETRY_FIELDS
     return events
+
+
+def contract() -> dict[str, tuple[str, bool, int]]:
+    """The README's table: first words of 'how the run ends' -> (status, finished, exit)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text[text.index("<!-- telemetry-contract") :].split("\n\n", 1)[0]
+    rows: dict[str, tuple[str, bool, int]] = {}
+    for line in table.splitlines()[3:]:
+        how, status, finished, code, _then = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[how] = (status.strip("`"), finished == "`true`", int(code))
+    return rows
+
+
+def row(starts_with: str) -> tuple[str, bool, int]:
+    (found,) = [v for k, v in contract().items() if k.startswith(starts_with)]
+    return found
+
+
+def terminal(events: list[dict[str, object]], exit_code: int) -> tuple[object, object, int]:
+    """(status, finished, exit code) of a run whose events these are, after checking the
+    order every run keeps: started first, then loading, then one terminal event."""
+    statuses = [e["status"] for e in events]
+    assert statuses[0] == "started", statuses
+    assert set(statuses[1:-1]) <= {"loading"}, statuses
+    assert statuses[-1] in {"interrupted", "error", "finished"}, statuses
+    assert [e["finished"] for e in events[:-1]] == [False] * (len(events) - 1)
+    return events[-1]["status"], events[-1]["finished"], exit_code
 
 
 def env_without_kafka_vars(base: Mapping[str, str]) -> dict[str, str]:

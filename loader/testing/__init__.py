@@ -3,9 +3,11 @@
 It speaks the WebSocket protocol of ``stream.binance.com`` (raw ``/ws/<stream>``, bare
 ``/ws`` with live ``SUBSCRIBE``, combined ``/stream?streams=a/b``) for
 ``<symbol>@kline_<interval>`` streams, with Binance's rules and failure modes (pings, pong
-timeout, 24 h lifetime, 5 messages/s limit, ``serverShutdown``), serves history through the
-WebSocket API method ``klines`` on ``/ws-api/v3``, replays recorded sessions byte for byte,
-and injects faults on demand. Its candles come from a seeded deterministic market that is
+timeout, 24 h lifetime, 5 messages/s limit, ``serverShutdown``, ``timeUnit``), serves the
+WebSocket API's ``klines``, ``exchangeInfo``, ``ping`` and ``time`` on ``/ws-api/v3`` with
+Binance's per-IP request weight and connection-attempt limits, replays recorded sessions byte
+for byte, and injects faults on demand. Binance's official ``binance-sdk-spot`` works
+against it with its default settings. Its candles come from a seeded deterministic market that is
 also the ground truth tests compare against.
 
 Three ways in::

@@ -51,6 +51,18 @@ class EmulatorConfig:
     max_incoming_per_second: int | None = 5
     #: Streams one connection may carry (Binance: 1024).
     max_streams_per_connection: int = 1024
+    #: WebSocket API request weight per IP per minute before 429 (Binance: 6000); ``None``:
+    #: unlimited (the replies still count it).
+    api_weight_limit: int | None = 6000
+    #: Opening handshakes per IP within ``connection_attempts_window`` before 429, counted
+    #: apart for market streams and the WebSocket API (Binance: 300 per 5 minutes on each);
+    #: ``None``: unlimited (still counted).
+    max_connection_attempts: int | None = 300
+    #: Seconds over which connection attempts are counted (Binance: 300).
+    connection_attempts_window: float = 300.0
+    #: First IP ban for not backing off after a 429, seconds; doubles with each repeat up to
+    #: three days (Binance: "from 2 minutes to 3 days").
+    ban_seconds: float = 120.0
     #: Seconds to wait for the client's side of a closing handshake before hanging up.
     close_timeout: float = 2.0
     #: Seconds a client may take to complete the opening handshake.
@@ -73,6 +85,10 @@ class EmulatorConfig:
             raise ValueError("empty_candle_ratio must be within [0, 1]")
         if self.close_lag_ms < 0:
             raise ValueError("close_lag_ms must not be negative")
+        if self.api_weight_limit is not None and self.api_weight_limit < 1:
+            raise ValueError("api_weight_limit must be positive or None")
+        if self.max_connection_attempts is not None and self.max_connection_attempts < 1:
+            raise ValueError("max_connection_attempts must be positive or None")
         if any(s != s.upper() for s in self.symbols):
             raise ValueError("symbols are uppercase, as Binance spells them (BTCUSDT)")
 

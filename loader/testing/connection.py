@@ -9,13 +9,14 @@ call. Control frames and replies share that queue, which keeps them ordered with
 from __future__ import annotations
 
 import itertools
+import math
 import socket
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -35,6 +36,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from loader.testing import faults, wire
 from loader.testing.config import EmulatorConfig
+from loader.testing.limits import IpLimits, Refusal
 from loader.testing.publisher import Publisher, Signal
 from loader.testing.replay import (
     RecordedFrame,
@@ -45,7 +47,7 @@ from loader.testing.replay import (
     split_frames,
 )
 from loader.testing.streams import StreamKey, handle_control, parse_kline_stream
-from loader.testing.wsapi import WsApi
+from loader.testing.wsapi import CONNECT_WEIGHT, ApiSession, WsApi
 
 __all__ = ["Connection", "ConnectionInfo", "ConnectionKind", "Hub"]
 
@@ -54,6 +56,7 @@ __all__ = ["Connection", "ConnectionInfo", "ConnectionKind", "Hub"]
 ConnectionKind = Literal["stream", "api", "replay"]
 
 WS_API_PATH = "/ws-api/v3"
+_TIME_UNITS = {"MILLISECOND": False, "millisecond": False, "MICROSECOND": True, "microsecond": True}
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,19 @@ class ConnectionInfo:
     #: Whether payloads are wrapped as ``{"stream":..,"data":..}``.
     combined: bool
     stalled: bool
+    #: Server pings answered with a matching pong so far: the client's keepalive at work.
+    pongs: int = 0
+    #: Times in microseconds (``timeUnit=MICROSECOND`` in the URL).
+    micros: bool = False
+
+
+def _json_rejection(
+    status: int, retry_after: int | None, body: bytes
+) -> tuple[RejectConnection, bytes]:
+    headers = [(b"Content-Type", b"application/json;charset=UTF-8")]
+    if retry_after is not None:
+        headers.insert(0, (b"Retry-After", str(retry_after).encode()))
+    return RejectConnection(status_code=status, headers=headers, has_body=True), body
 
 
 class Hub:
@@ -82,7 +98,13 @@ class Hub:
     ) -> None:
         self.config = config
         self.publisher = publisher
-        self.wsapi = WsApi(publisher)
+        self.limits = IpLimits(
+            config.api_weight_limit,
+            config.max_connection_attempts,
+            config.connection_attempts_window,
+            config.ban_seconds,
+        )
+        self.wsapi = WsApi(publisher, self.limits)
         # By recorded path and query; of two recordings on one path, the first loaded.
         self.recordings: dict[str, Recording] = {}
         for recording in recordings:
@@ -96,6 +118,10 @@ class Hub:
         # Market-stream and replay handshakes only: the WebSocket API's are not reconnects.
         self.stream_handshakes = 0
         self.refused = 0
+        # Opening handshakes received (any path, refused or not), and WebSocket API
+        # connections accepted: what a storm of reconnects or backfills shows up in.
+        self.connection_attempts = 0
+        self.api_connections = 0
         self._ids = itertools.count(1)
         # (status, Retry-After seconds, how many more handshakes to refuse)
         self._refusal: tuple[int, int, int] | None = None
@@ -141,7 +167,13 @@ class Connection:
         self.kind: ConnectionKind = "stream"
         self.target = ""
         self.combined = False
+        self.micros = False
+        self.session: ApiSession | None = None
         self._stream = stream
+        try:
+            self.ip = str(stream.socket.getpeername()[0])
+        except OSError:
+            self.ip = "unknown"
         self._ws = WSConnection(ConnectionType.SERVER)
         self._subs: dict[str, StreamKey | None] = {}
         self._recording: Recording | None = None
@@ -156,6 +188,7 @@ class Connection:
         self._sent = Signal()
         self._pings: deque[tuple[bytes, float]] = deque()
         self._pings_changed = Signal()
+        self._pongs = 0
         self._incoming: deque[float] = deque()
         self._stalled = False
         self._unstalled = Signal()
@@ -169,7 +202,14 @@ class Connection:
     def info(self) -> ConnectionInfo:
         """What a test may want to know about this connection."""
         return ConnectionInfo(
-            self.id, self.kind, self.target, tuple(self._subs), self.combined, self._stalled
+            self.id,
+            self.kind,
+            self.target,
+            tuple(self._subs),
+            self.combined,
+            self._stalled,
+            self._pongs,
+            self.micros,
         )
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -181,6 +221,7 @@ class Connection:
                 self.hub.connections[self.id] = self
                 self.hub.handshakes += 1
                 self.hub.stream_handshakes += self.kind != "api"
+                self.hub.api_connections += self.kind == "api"
                 self.hub.changed.notify()
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -233,29 +274,59 @@ class Connection:
         if request is None:
             return False
         self.target = request.target
-        refusal = self.hub.take_refusal()
-        if refusal is not None:
-            status, retry_after = refusal
-            self.hub.refused += 1
-            self.hub.changed.notify()
-            until = self.hub.publisher.now_ms() + retry_after * 1000
-            await self._reject(
-                RejectConnection(
-                    status_code=status,
-                    headers=[
-                        (b"Retry-After", str(retry_after).encode()),
-                        (b"Content-Type", b"application/json;charset=UTF-8"),
-                    ],
-                    has_body=True,
-                ),
-                faults.refusal_body(status, until),
-            )
-            return False
-        if not self._route(request.target):
-            await self._reject(RejectConnection(status_code=404))
+        rejection = self._admit(request.target)
+        if rejection is not None:
+            await self._reject(*rejection)
             return False
         await self._stream.send_all(self._ws.send(AcceptConnection()))
         return True
+
+    def _admit(self, target: str) -> tuple[RejectConnection, bytes] | None:
+        """Route the request, or say how to refuse it (per-IP limits, faults, bad URL)."""
+        hub = self.hub
+        hub.connection_attempts += 1
+        service = "api" if urlsplit(target).path == WS_API_PATH else "stream"
+        limited = hub.limits.attempt(self.ip, service)
+        if limited is not None:
+            return self._limited(limited)
+        refusal = hub.take_refusal()
+        if refusal is not None:
+            status, retry_after = refusal
+            hub.refused += 1
+            hub.changed.notify()
+            until = hub.publisher.now_ms() + retry_after * 1000
+            return _json_rejection(status, retry_after, faults.refusal_body(status, until))
+        query = parse_qs(urlsplit(target).query)
+        units = query.get("timeUnit")
+        if units is not None and units[-1] not in _TIME_UNITS:
+            # Binance's -1194; that it refuses the handshake with it is a guess.
+            body = wire.encode(
+                {
+                    "code": -1194,
+                    "msg": "Invalid value for time unit; expected either MICROSECOND "
+                    "or MILLISECOND.",
+                }
+            )
+            return _json_rejection(400, None, body)
+        self.micros = units is not None and _TIME_UNITS[units[-1]]
+        if not self._route(target):
+            return RejectConnection(status_code=404), b""
+        if self.kind == "api":
+            show = query.get("returnRateLimits")
+            self.session = ApiSession(
+                ip=self.ip, micros=self.micros, rate_limits=not show or show[-1] != "false"
+            )
+            limited = hub.limits.charge(self.ip, CONNECT_WEIGHT)
+            if limited is not None:
+                return self._limited(limited)
+        return None
+
+    def _limited(self, refusal: Refusal) -> tuple[RejectConnection, bytes]:
+        """The refusal of a handshake over a per-IP limit, as Binance words it."""
+        self.hub.changed.notify()
+        until = self.hub.publisher.now_ms() + int(refusal.retry_after * 1000) + 1
+        body = wire.encode({"code": -1003, "msg": refusal.message(until)})
+        return _json_rejection(refusal.status, math.ceil(refusal.retry_after), body)
 
     async def _reject(self, event: RejectConnection | None, body: bytes = b"") -> None:
         if event is None:
@@ -445,15 +516,23 @@ class Connection:
         return True
 
     def _on_text(self, text: str) -> None:
-        reply = self.hub.wsapi.handle(text) if self.kind == "api" else handle_control(text, self)
-        self._enqueue(wire.text_frame(reply))
+        if self.kind == "api":
+            session = self.session or ApiSession(ip=self.ip)
+            self._enqueue(wire.text_frame(self.hub.wsapi.handle(text, session)))
+            if session.banned:
+                # "An automated IP ban and you will be disconnected"; the code is a guess.
+                self.close(1008, "IP banned")
+            return
+        self._enqueue(wire.text_frame(handle_control(text, self)))
 
     def _on_pong(self, payload: bytes) -> None:
         for i, (sent, _) in enumerate(self._pings):
             if sent == payload:
                 for _ in range(i + 1):
                     self._pings.popleft()
+                self._pongs += 1
                 self._pings_changed.notify()
+                self.hub.changed.notify()
                 return
         # An unsolicited pong is allowed but does not keep the connection alive.
 

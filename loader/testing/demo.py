@@ -93,8 +93,9 @@ async def main(env: Mapping[str, str]) -> int:
         print(
             f"Streaming {', '.join(settings.stream_names)} into {settings.kafka_topic} "
             f"at {settings.kafka.bootstrap_servers}; telemetry on {settings.queue_events_topic}.\n"
-            f"Look with: kcat -b {settings.kafka.bootstrap_servers} -C -t {settings.kafka_topic}"
-            f" (or -t {settings.queue_events_topic}). Ctrl-C stops gracefully.",
+            f"Look with: just kafka-tool console-consumer --bootstrap-server "
+            f"{settings.kafka.bootstrap_servers} --topic {settings.kafka_topic} --from-beginning"
+            f" (or --topic {settings.queue_events_topic}). Ctrl-C stops gracefully.",
             flush=True,
         )
         stop = trio.Event()

@@ -64,6 +64,18 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-streams", type=int, default=1024, help="streams per connection")
     p.add_argument(
+        "--weight-limit",
+        type=int,
+        default=6000,
+        help="WebSocket API request weight per IP per minute before 429 (0: no limit)",
+    )
+    p.add_argument(
+        "--connection-attempts",
+        type=int,
+        default=300,
+        help="opening handshakes per IP per 5 minutes before 429 (0: no limit)",
+    )
+    p.add_argument(
         "--firehose",
         type=_speed_or_max,
         default=argparse.SUPPRESS,
@@ -125,6 +137,8 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         max_lifetime=args.max_lifetime,
         max_incoming_per_second=args.rate_limit or None,
         max_streams_per_connection=args.max_streams,
+        api_weight_limit=args.weight_limit or None,
+        max_connection_attempts=args.connection_attempts or None,
         firehose=firehose,
         recordings=tuple(recordings),
         replay_speed=args.replay_speed,

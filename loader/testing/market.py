@@ -260,6 +260,10 @@ class Market:
         """Whether ``symbol`` (uppercase) trades here."""
         return symbol in self._specs
 
+    def spec(self, symbol: str) -> SymbolSpec:
+        """How ``symbol`` trades (tick, lot, ...); ``KeyError`` if it does not."""
+        return self._specs[symbol]
+
     def first_open(self, interval: str) -> int:
         """Open time of candle 0 of ``interval``: the candle containing the start instant."""
         return self._first_open[interval]

@@ -17,7 +17,7 @@ import trio.lowlevel
 
 from loader.testing import intervals as iv
 from loader.testing import wire
-from loader.testing.market import Market
+from loader.testing.market import Kline, Market
 from loader.testing.streams import StreamKey, stream_name
 
 # Catching up more market time than this is a clock jump (`advance`), published condensed.
@@ -54,6 +54,8 @@ class Subscriber(Protocol):
     """A connection as the publishers see it."""
 
     combined: bool
+    #: Times in microseconds (``timeUnit=MICROSECOND`` in the connection URL).
+    micros: bool
 
     def push_kline(self, raw: bytes, wrapped: bytes) -> None:
         """Queue one framed kline; ``wrapped`` is the combined-stream form (may be empty)."""
@@ -144,18 +146,42 @@ class _Publisher:
                 del self.subs[key]
             self.subscriptions_changed.notify()
 
-    def _fan_out(self, key: StreamKey, raw: bytes, conns: dict[Subscriber, None]) -> None:
+    def _fan_out(
+        self, key: StreamKey, event_time: int, kline: Kline, conns: dict[Subscriber, None]
+    ) -> None:
+        # The hot path of the firehose: each form is encoded and framed at most once per frame.
+        raw = wire.kline_payload(event_time, kline)
         framed = wrapped = b""
+        in_micros: list[Subscriber] | None = None
         for conn in conns:
-            if conn.combined:
+            if conn.micros:
+                if in_micros is None:
+                    in_micros = []
+                in_micros.append(conn)
+            elif conn.combined:
                 if not wrapped:
-                    prefix = self._prefixes.get(key)
-                    if prefix is None:
-                        prefix = self._prefixes[key] = wire.combined(stream_name(key), b"")[:-1]
+                    prefix = self._prefixes.get(key) or self._prefix(key)
                     wrapped = wire.text_frame(prefix + raw + b"}")
-            elif not framed:
-                framed = wire.text_frame(raw)
-            conn.push_kline(framed, wrapped)
+                conn.push_kline(framed, wrapped)
+            else:
+                if not framed:
+                    framed = wire.text_frame(raw)
+                conn.push_kline(framed, wrapped)
+        if in_micros:
+            raw = wire.kline_payload_us(event_time, kline)
+            framed = wrapped = b""
+            for conn in in_micros:
+                if conn.combined:
+                    wrapped = wrapped or wire.text_frame(self._prefix(key) + raw + b"}")
+                else:
+                    framed = framed or wire.text_frame(raw)
+                conn.push_kline(framed, wrapped)
+
+    def _prefix(self, key: StreamKey) -> bytes:
+        prefix = self._prefixes.get(key)
+        if prefix is None:
+            prefix = self._prefixes[key] = wire.combined(stream_name(key), b"")[:-1]
+        return prefix
 
 
 class Publisher(Protocol):
@@ -283,7 +309,7 @@ class ClockPublisher(_Publisher):
                 index += 1
             while (opened := market.open_time(interval, index)) <= last:
                 kline = market.kline(symbol, interval, index - 1)
-                self._fan_out(key, wire.kline_payload(opened + self.lag, kline), conns)
+                self._fan_out(key, opened + self.lag, kline, conns)
                 index += 1
             period = iv.update_period_ms(interval)
             a = last // period * period
@@ -291,7 +317,7 @@ class ClockPublisher(_Publisher):
             opened = market.open_time(interval, index)
             if a >= first and index >= 0 and a != opened:
                 kline = market.kline(symbol, interval, index, a - opened)
-                self._fan_out(key, wire.kline_payload(a + self.lag, kline), conns)
+                self._fan_out(key, a + self.lag, kline, conns)
 
     def _publish(self, a: int) -> None:
         market = self.market
@@ -310,7 +336,7 @@ class ClockPublisher(_Publisher):
                 if index < 0:
                     continue
                 kline = market.kline(symbol, interval, index, a - opened)
-            self._fan_out(key, wire.kline_payload(event_time, kline), conns)
+            self._fan_out(key, event_time, kline, conns)
 
 
 class FirehosePublisher(_Publisher):
@@ -407,7 +433,7 @@ class FirehosePublisher(_Publisher):
                 length = iv.next_open(interval, opened) - opened
                 kline = market.kline(symbol, interval, index, length * (j + 1) // per_candle)
             sent_ns = time.time_ns()
-            self._fan_out(key, wire.kline_payload(sent_ns // 1_000_000, kline), conns)
+            self._fan_out(key, sent_ns // 1_000_000, kline, conns)
             if record and kline.closed:
                 self.send_times[(stream_name(key), kline.open_time)] = sent_ns
             delivered += len(conns)

@@ -151,8 +151,29 @@ class Emulator:
         """Handshakes refused by :meth:`refuse_handshakes` so far."""
         return self._hub.refused
 
+    @property
+    def connection_attempts(self) -> int:
+        """Opening handshakes received so far, on any path, accepted or refused."""
+        return self._hub.connection_attempts
+
+    @property
+    def api_connections(self) -> int:
+        """WebSocket API (``/ws-api/v3``) connections accepted so far."""
+        return self._hub.api_connections
+
+    @property
+    def rate_limited(self) -> int:
+        """Requests and handshakes refused so far for exceeding a per-IP limit (429, 418)."""
+        return self._hub.limits.refusals
+
+    @property
+    def request_weight(self) -> int:
+        """WebSocket API request weight used in the current minute (all IPs together)."""
+        return self._hub.limits.total_weight()
+
     async def wait_for(self, predicate: Callable[[Emulator], bool]) -> None:
-        """Wait until ``predicate(self)`` holds; re-checked on every connection change."""
+        """Wait until ``predicate(self)`` holds; re-checked on every connection change
+        (opened, closed, subscribed, stalled, refused) and every ping answered."""
         while not predicate(self):
             await self._hub.changed.wait()
 

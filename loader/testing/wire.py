@@ -25,6 +25,8 @@ __all__ = [
     "error_reply",
     "frame",
     "kline_payload",
+    "kline_payload_us",
+    "micros",
     "result_reply",
     "text_frame",
 ]
@@ -64,6 +66,23 @@ def text_frame(payload: bytes) -> bytes:
 def kline_payload(event_time: int, kline: Kline) -> bytes:
     """The raw-stream payload of a kline event, key order and formatting as Binance's."""
     return _encoder.encode(KlineEvent("kline", event_time, kline.symbol, kline))
+
+
+def micros(ms: int) -> int:
+    """A millisecond instant in microseconds (``timeUnit=MICROSECOND``)."""
+    return ms * 1000
+
+
+def kline_payload_us(event_time: int, kline: Kline) -> bytes:
+    """:func:`kline_payload` with every time in microseconds (``timeUnit=MICROSECOND``).
+
+    The close time becomes the candle's last microsecond (``...999999``), as the millisecond
+    one is its last millisecond.
+    """
+    in_us = msgspec.structs.replace(
+        kline, open_time=kline.open_time * 1000, close_time=kline.close_time * 1000 + 999
+    )
+    return _encoder.encode(KlineEvent("kline", event_time * 1000, kline.symbol, in_us))
 
 
 def combined(stream: str, data: bytes) -> bytes:

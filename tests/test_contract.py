@@ -1,0 +1,177 @@
+"""The contract with the queue manager, as the README's telemetry table states it: every run
+that reaches Kafka says `started` first and exactly one terminal event last, whose status,
+`finished` and exit code are the table's row for how the run ended; and a stop at any moment
+ends the run within the shutdown budget.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+import msgspec
+import pytest
+import trio
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka_broker import KafkaBroker
+from timing import scaled
+from worker_tools import (
+    contract,
+    env_without_kafka_vars,
+    produce,
+    read_topic,
+    row,
+    running_worker,
+    telemetry,
+    terminal,
+    worker_env,
+    worker_settings,
+)
+
+from loader.testing import EmulatorConfig, open_emulator
+
+pytestmark = pytest.mark.anyio
+
+FAST = EmulatorConfig(speed=600, seed=17)
+# A short grace period keeps the budget tests quick: the budget is 5 s less, of which a stop
+# during the Kafka bootstrap leaves it 4 s (6 s are kept for telemetry and closing).
+GRACE = 15.0
+
+
+def test_the_table_covers_every_terminal_status() -> None:
+    rows = contract()
+    assert {status for status, _, _ in rows.values()} == {"interrupted", "finished", "error"}
+    assert {code for _, _, code in rows.values()} == {0, 1, 2, 130, 143}
+
+
+async def test_stop_before_ready_says_started_then_interrupted(kafka: KafkaBroker) -> None:
+    topic = await trio.to_thread.run_sync(kafka.new_topic, "contract-early-stop")
+    async with open_emulator(FAST) as emulator:
+        settings = worker_settings(kafka, emulator, topic)
+        stop = msgspec.json.encode({"command": "stop", "queue_id": settings.queue_id})
+        await trio.to_thread.run_sync(produce, kafka, settings.queue_control_topic, [stop])
+        async with running_worker(settings) as worker:
+            outcome = await worker.finished()
+    events = telemetry(await read_topic(kafka, settings.queue_events_topic))
+    assert [e["status"] for e in events] == ["started", "interrupted"]
+    assert terminal(events, outcome.exit_code) == row("stop command")
+
+
+async def test_stop_at_is_final(kafka: KafkaBroker) -> None:
+    topic = await trio.to_thread.run_sync(kafka.new_topic, "contract-stop-at")
+    async with open_emulator(FAST) as emulator:
+        stop_at = str(int(time.time() * 1000) + 1500)
+        settings = worker_settings(kafka, emulator, topic, STOP_AT=stop_at)
+        async with running_worker(settings) as worker:
+            outcome = await worker.finished()
+    events = telemetry(await read_topic(kafka, settings.queue_events_topic))
+    assert terminal(events, outcome.exit_code) == row("`STOP_AT` reached")
+
+
+async def test_a_record_kafka_refuses_is_a_retried_failure(kafka: KafkaBroker) -> None:
+    """Kafka answers, and refuses every candle for good (larger than the topic allows)."""
+    topic = f"contract-refused-{os.urandom(6).hex()}"
+
+    def create() -> None:
+        admin = KafkaAdminClient(**kafka.client_config())
+        try:
+            admin.create_topics([NewTopic(topic, 1, 1, topic_configs={"max.message.bytes": "64"})])
+        finally:
+            admin.close()
+
+    await trio.to_thread.run_sync(create)
+    async with open_emulator(FAST) as emulator:
+        settings = worker_settings(kafka, emulator, topic)
+        async with running_worker(settings) as worker:
+            outcome = await worker.finished()
+    events = telemetry(await read_topic(kafka, settings.queue_events_topic))
+    assert terminal(events, outcome.exit_code) == row("runtime failure")
+    assert "MessageSizeTooLarge" in str(events[-1]["message"])
+    assert "the Job will retry" in str(events[-1]["message"])
+
+
+@asynccontextmanager
+async def slow_proxy(upstream: str, delay: float) -> AsyncIterator[tuple[str, trio.Event]]:
+    """A TCP proxy to `upstream` that holds each connection for `delay` seconds before it
+    forwards anything: a Kafka that is slow to answer the bootstrap. Yields its address and
+    an event set when the first connection arrives."""
+    host, _, port = upstream.rpartition(":")
+    arrived = trio.Event()
+
+    async def pipe(source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
+        try:
+            async for chunk in source:
+                await sink.send_all(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await sink.aclose()
+
+    async def handle(client: trio.SocketStream) -> None:
+        arrived.set()
+        await trio.sleep(delay)  # the slowness under test, not a synchronisation
+        server = await trio.open_tcp_stream(host, int(port))
+        async with client, server, trio.open_nursery() as nursery:
+            nursery.start_soon(pipe, client, server)
+            nursery.start_soon(pipe, server, client)
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        yield f"127.0.0.1:{listener.socket.getsockname()[1]}", arrived
+        nursery.cancel_scope.cancel()
+
+
+async def test_sigterm_while_kafka_is_slow_to_answer(kafka: KafkaBroker) -> None:
+    """SIGTERM during the Kafka bootstrap: the run waits for Kafka within the budget, says
+    `started` and `interrupted` (not final), and exits 143 within the grace period."""
+    topic = await trio.to_thread.run_sync(kafka.new_topic, "contract-sigterm-bootstrap")
+    async with (
+        open_emulator(FAST) as emulator,
+        slow_proxy(kafka.plaintext, delay=2.0) as (proxy, arrived),
+    ):
+        env = env_without_kafka_vars(os.environ) | worker_env(
+            kafka, emulator, topic, KAFKA_BOOTSTRAP_SERVERS=proxy,
+            TERMINATION_GRACE_PERIOD=str(GRACE), LOG_FORMAT="json",
+        )  # fmt: skip
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "loader"], env=env, stdout=subprocess.DEVNULL
+        )
+        with trio.fail_after(scaled(60)):
+            await arrived.wait()
+        process.send_signal(signal.SIGTERM)
+        signalled = trio.current_time()
+        with trio.fail_after(GRACE):
+            code = await process.wait()
+        elapsed = trio.current_time() - signalled
+    events = telemetry(await read_topic(kafka, f"{topic}-events"))
+    assert [e["status"] for e in events] == ["started", "interrupted"]
+    assert terminal(events, code) == row("SIGTERM")
+    assert elapsed < GRACE - 5.0 + 1.0, f"{elapsed:.1f} s from SIGTERM to exit"
+
+
+async def test_sigterm_while_streaming_is_not_final(kafka: KafkaBroker) -> None:
+    topic = await trio.to_thread.run_sync(kafka.new_topic, "contract-sigterm")
+    async with open_emulator(FAST) as emulator:
+        env = env_without_kafka_vars(os.environ) | worker_env(
+            kafka, emulator, topic, TERMINATION_GRACE_PERIOD=str(GRACE)
+        )
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "loader"], env=env, stdout=subprocess.DEVNULL
+        )
+        await read_topic(kafka, topic, expected=3)
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(GRACE):
+            code = await process.wait()
+    events = telemetry(await read_topic(kafka, f"{topic}-events"))
+    assert terminal(events, code) == row("SIGTERM")
+    assert re.search(
+        r"stopped by SIGTERM; \d+ candles written; not final", str(events[-1]["message"])
+    )
