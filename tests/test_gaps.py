@@ -23,6 +23,7 @@ from worker_tools import (
     env_without_kafka_vars,
     read_topic,
     running_worker,
+    telemetry,
     worker_env,
     worker_settings,
 )
@@ -231,3 +232,34 @@ async def test_1024_streams_after_a_ten_minute_outage(kafka: KafkaBroker) -> Non
     # The one drop is the outage; the market connection was never lost to unanswered pings.
     assert dict(stats.reconnects) == {"closed": 1}
     assert emulator.stream_handshakes == 2
+
+
+async def test_an_outage_longer_than_the_window_is_a_reported_hole(kafka: KafkaBroker) -> None:
+    """Ten 1m candles missed with a five-minute BACKFILL_WINDOW: the ones that closed within
+    it are filled, the older ones are a hole that is counted and told in telemetry."""
+    topic = await _new_topic(kafka, "gap-hole")
+    async with open_emulator(_config("1m")) as emulator:
+        settings = worker_settings(kafka, emulator, topic, SYMBOL=SYMBOL, BACKFILL_WINDOW="300")
+        async with running_worker(settings) as worker:
+            await emulator.wait_connections(1)
+            _past_close(emulator, "1m", 2)
+            await _written(worker, 2)
+            emulator.stall()
+            _past_close(emulator, "1m", 12)  # candles 2..11 closed meanwhile
+            emulator.drop()
+            await emulator.wait_for(lambda e: e.stream_handshakes >= 2)
+            _nudge(emulator, "1m", 12)
+            # The update that reveals the gap has its event time 4.25 s into candle 12:
+            # candles closing within five minutes of it, 7..11, are filled; 2..6 are not.
+            await _written(worker, 7)
+            worker.stop()
+            await worker.finished()
+        opens = [c["open_time"] for c in candles(await read_topic(kafka, topic))]
+        assert opens == [_open(emulator, "1m", i) for i in (0, 1, 7, 8, 9, 10, 11)]
+        events = telemetry(await read_topic(kafka, settings.queue_events_topic))
+    assert worker.stats.candles_lost == 5
+    assert worker.stats.holes == 1
+    holes = [e["message"] for e in events if e["message"].startswith("hole:")]
+    assert len(holes) == 1
+    assert "5 closed candles of btcusdt@kline_1m" in holes[0]
+    assert "beyond BACKFILL_WINDOW" in holes[0]
