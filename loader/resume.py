@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 from kafka import KafkaConsumer, TopicPartition
+from kafka.partitioner.default import murmur2
 
 from loader.intervals import length_ms
 from loader.kafka import CLOSE_TIMEOUT, offsets_since, open_consumer
@@ -54,10 +55,15 @@ def last_closed(
     found: dict[bytes, int] = {}
     decode = msgspec.json.Decoder(_Published).decode
     lowest = min(floors.values(), default=0)
-    for tp, (floor, end) in offsets_since(consumer, topic, lowest).items():
+    offsets = offsets_since(consumer, topic, lowest)
+    # Each key lives on one partition (the default partitioner, as the sink uses): a
+    # partition is read only as deep as its own keys need.
+    tps = sorted(offsets, key=lambda tp: tp.partition)
+    home = {key: tps[(murmur2(key) & 0x7FFFFFFF) % len(tps)] for key in floors} if tps else {}
+    for tp, (floor, end) in offsets.items():
         upper = end
         while upper > floor:
-            missing = [k for k in floors if k not in found]
+            missing = [k for k in floors if k not in found and home[k] == tp]
             if not missing:
                 break
             lower = max(floor, upper - CHUNK)
