@@ -263,3 +263,26 @@ async def test_an_outage_longer_than_the_window_is_a_reported_hole(kafka: KafkaB
     assert len(holes) == 1
     assert "5 closed candles of btcusdt@kline_1m" in holes[0]
     assert "beyond BACKFILL_WINDOW" in holes[0]
+
+
+async def test_a_stop_waits_for_the_fill_in_progress(kafka: KafkaBroker) -> None:
+    """Stopped as soon as a two-hour gap of a 1s stream is known: the 7,200 candles of the
+    fill (eight pages) are in Kafka all the same, in order, before the run ends."""
+    topic = await _new_topic(kafka, "gap-stop-fill")
+    async with open_emulator(_config("1s")) as emulator:
+        settings = worker_settings(kafka, emulator, topic, SYMBOL=SYMBOL, INTERVAL="1s")
+        async with running_worker(settings) as worker:
+            await emulator.wait_connections(1)
+            _past_close(emulator, "1s", 2)
+            await _written(worker, 2)
+            emulator.stall()
+            _past_close(emulator, "1s", 7202)
+            emulator.drop()
+            await emulator.wait_for(lambda e: e.stream_handshakes >= 2)
+            _nudge(emulator, "1s", 7202)
+            await _written(worker, 3)  # the fill has begun
+            worker.stop()
+            outcome = await worker.finished()
+        assert outcome.status == "interrupted"
+        await _check(kafka, emulator, topic, "1s", 0, 7201, more=True)
+    assert worker.stats.candles_backfilled == 7200
