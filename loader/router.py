@@ -57,6 +57,8 @@ class Router:
         self._watch_ms = NEVER
         self._watch = trio.Event()
         self.bad = ThrottledLog(log)
+        # Guards whose next candle is being sent, under backpressure, right now.
+        self.sending: set[Guard] = set()
         # Set by the backfiller when it runs: starts the fill of one gap.
         self.fill: Callable[[Stream, Guard, Gap], None] | None = None
 
@@ -128,7 +130,12 @@ class Router:
         try:
             self.candles.send_nowait(candle)  # the usual case: no trip through the scheduler
         except trio.WouldBlock:
-            await self.candles.send(candle)
+            # While this waits, nothing else may fill from this candle on (see `sending`).
+            self.sending.add(guard)
+            try:
+                await self.candles.send(candle)
+            finally:
+                self.sending.discard(guard)
         guard.published(k.open_time)
         self.stats.candles_published += 1
         return True

@@ -304,10 +304,14 @@ class Source:
                 for stream in lagging:
                     guard = self.guards[stream]
                     boundary = candle_open(stream[1], stop_ms + 1)
-                    late = self.router.latest_event_ms >= boundary + CLOSE_MARGIN_MS
-                    if stream not in asked and not guard.filling and late:
+                    # Binance's clock as its frames last told it, or ours if the feed is
+                    # dead: either says whether the candles have closed by now.
+                    binance_now = max(self.router.latest_event_ms, int(time.time() * 1000))
+                    late = binance_now >= boundary + CLOSE_MARGIN_MS
+                    idle = not guard.filling and guard not in self.router.sending
+                    if stream not in asked and idle and late:
                         asked.add(stream)
-                        gap = guard.gap_to(boundary, self.router.latest_event_ms)
+                        gap = guard.gap_to(boundary, binance_now)
                         if gap is not None:
                             self.router.gap(stream, guard, gap)
             # Progress comes from the reader and the fills; a short poll keeps this apart

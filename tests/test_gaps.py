@@ -286,3 +286,25 @@ async def test_a_stop_waits_for_the_fill_in_progress(kafka: KafkaBroker) -> None
         assert outcome.status == "interrupted"
         await _check(kafka, emulator, topic, "1s", 0, 7201, more=True)
     assert worker.stats.candles_backfilled == 7200
+
+
+async def test_stop_at_with_a_dead_feed_fills_from_history(kafka: KafkaBroker) -> None:
+    """STOP_AT comes (by the wall clock) while the feed is silent and not yet replaced: the
+    candles that closed by then are fetched from history before `finished`."""
+    topic = await _new_topic(kafka, "gap-stop-at-dead")
+    async with open_emulator(_config("1s")) as emulator:
+        stop_at = _open(emulator, "1s", 3) - 1
+        settings = worker_settings(kafka, emulator, topic, SYMBOL=SYMBOL, INTERVAL="1s",
+                                   STOP_AT=str(stop_at), STALL_TIMEOUT="60")  # fmt: skip
+        async with running_worker(settings) as worker:
+            await emulator.wait_connections(1)
+            _past_close(emulator, "1s", 2)
+            await _written(worker, 2)
+            emulator.stall()
+            _past_close(emulator, "1s", 4)  # candles 2 and 3 close unseen
+            with trio.fail_after(30):
+                outcome = await worker.finished()
+        assert (outcome.status, outcome.exit_code) == ("finished", 0), outcome.message
+        await _check(kafka, emulator, topic, "1s", 0, 2, more=True)
+    assert worker.stats.candles_backfilled >= 1
+    assert emulator.stream_handshakes == 1
