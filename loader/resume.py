@@ -67,7 +67,18 @@ def last_closed(
             if not missing:
                 break
             lower = max(floor, upper - CHUNK)
-            records = _read(consumer, tp, lower, upper, stop=stop, deadline=deadline)
+            try:
+                records = _read(consumer, tp, lower, upper, stop=stop, deadline=deadline)
+            except TimeoutError:
+                # Failing would fail every retry the same way: the streams not found start
+                # from their first candle, and say so.
+                lost = [k.decode() for k in floors if k not in found]
+                log.error(
+                    "no resume point found within %.0f s for %d streams (%s); they start from "
+                    "their first candle, and what they missed before it is not filled",
+                    timeout, len(lost), ", ".join(lost[:5]),
+                )  # fmt: skip
+                return found
             for record in records:
                 if record.key not in floors:
                     continue
