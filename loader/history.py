@@ -24,7 +24,9 @@ import trio_websocket
 
 from loader.backoff import Backoff
 from loader.binance import Kline
+from loader.errors import FatalError
 from loader.stats import Stats
+from loader.tls import TlsWatch
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,7 @@ class HistoryClient:
         timeout: float = TIMEOUT,
     ) -> None:
         self.url = url
+        self.tls = TlsWatch(url)
         self.backoff = backoff
         self.stats = stats
         self.timeout = timeout
@@ -156,7 +159,10 @@ class HistoryClient:
             await self.backoff.turn()
             try:
                 async with trio_websocket.open_websocket_url(
-                    self.url, connect_timeout=self.timeout, disconnect_timeout=2
+                    self.url,
+                    ssl_context=self.tls.context,
+                    connect_timeout=self.timeout,
+                    disconnect_timeout=2,
                 ) as ws:
                     self.stats.history_connections += 1
                     log.info("connected to the Binance WebSocket API")
@@ -164,6 +170,9 @@ class HistoryClient:
                     self._notify()
                     await self._read(ws)
             except (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, OSError) as exc:
+                if (untrusted := self.tls.untrusted()) is not None:
+                    # Every retry would meet the same certificate: not a network blip.
+                    raise FatalError(f"cannot connect to the Binance API: {untrusted}", 2) from exc
                 log.warning("Binance WebSocket API connection lost: %s", exc)
             finally:
                 self._ws = None

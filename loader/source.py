@@ -28,6 +28,7 @@ import trio_websocket
 from loader.backfill import Backfiller
 from loader.backoff import Backoff, ConnectBudget
 from loader.binance import BadFrame, FrameDecoder, KlineEvent, ServerShutdown, stream_path
+from loader.errors import FatalError
 from loader.history import HistoryClient
 from loader.intervals import candle_open
 from loader.router import Router, Stream
@@ -35,6 +36,7 @@ from loader.schema import Candle
 from loader.settings import Settings
 from loader.stats import Stats
 from loader.symbols import check_symbols
+from loader.tls import TlsWatch
 
 __all__ = ["Backoff", "Source"]
 
@@ -104,6 +106,7 @@ class Source:
         names = list(settings.stream_names)
         base = settings.binance_ws_url.rstrip("/").removesuffix("/ws").removesuffix("/stream")
         self.url = base + stream_path(names)
+        self.tls = TlsWatch(self.url)
         self.decoder = FrameDecoder(combined=len(names) > 1)
         self._numbers = itertools.count(1)
         self.current: Connection | None = None
@@ -148,6 +151,9 @@ class Source:
                 retry_after = _retry_after(exc)
                 reason = f"rejected_{exc.status_code}"
             except (trio_websocket.HandshakeError, OSError) as exc:
+                if (untrusted := self.tls.untrusted()) is not None:
+                    # Every retry would meet the same certificate: not a network blip.
+                    raise FatalError(f"cannot connect to Binance: {untrusted}", 2) from exc
                 reason = type(exc).__name__
             else:
                 return conn
@@ -163,6 +169,7 @@ class Source:
         with conn.scope:
             async with trio_websocket.open_websocket_url(
                 self.url,
+                ssl_context=self.tls.context,
                 message_queue_size=256,
                 max_message_size=HARD_FRAME_LIMIT,
                 receive_buffer_size=64 * 1024,
@@ -269,6 +276,7 @@ class Source:
                     except trio_websocket.ConnectionClosed:
                         return  # the reader sees it too, and retires the connection
                     conn.idle_since = trio.current_time()
+                    self.stats.last_alive_at = time.monotonic()
                     continue
                 self.stats.reconnects["stalled"] += 1
                 log.warning("Binance went silent and did not answer a ping; reconnecting")

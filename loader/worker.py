@@ -67,8 +67,8 @@ class Worker:
         self.sink: KafkaSink | None = None
         self.metrics: Metrics | None = None
         self.scope = trio.CancelScope()
-        # (status, reason, final) of the first stop asked for.
-        self.stopped: tuple[Status, str, bool] | None = None
+        # (status, reason, final, exit code) of the first stop asked for.
+        self.stopped: tuple[Status, str, bool, int] | None = None
         self.outcome: Outcome | None = None
         # The bound port when METRICS_PORT is set (0 there picks a free one).
         self.metrics_port: int | None = None
@@ -85,13 +85,13 @@ class Worker:
         return self.stats.candles_acknowledged
 
     def stop(self, reason: str = "stopped", status: Status = "interrupted", *,
-             final: bool = True) -> None:  # fmt: skip
+             final: bool = True, exit_code: int = 0) -> None:  # fmt: skip
         """End the run gracefully: fills in progress finish (bounded), then the reader stops,
         what was received is delivered, and the terminal event says `reason`. `final=False`
-        when something will start the work again (a signal from Kubernetes: the Job
-        retries)."""
+        when something will start the work again (a signal from Kubernetes, exit 143: the
+        Job retries)."""
         if self.stopped is None:
-            self.stopped = (status, reason, final)
+            self.stopped = (status, reason, final, exit_code)
         self.shutdown_deadline()
         filling = self.source is not None and self.source.backfiller.active > 0
         if filling and not self._stop_requested.is_set():
@@ -166,7 +166,11 @@ async def run(
     worker = worker or Worker(settings)
     producer = await _bootstrap(worker)
     candles_in, candles_out = trio.open_memory_channel[Candle](settings.channel_size)
-    worker.metrics = Metrics(worker.stats, lambda: candles_out.statistics().current_buffer_used)
+    worker.metrics = Metrics(
+        worker.stats,
+        lambda: candles_out.statistics().current_buffer_used,
+        intervals=settings.intervals,
+    )
     sink = worker.sink = KafkaSink(
         producer, settings.kafka_topic, worker.stats, worker.metrics.delivery_latency.observe,
         on_acknowledged=worker.wake,
@@ -299,13 +303,23 @@ def _outcome(worker: Worker, failure: BaseException | None) -> Outcome:
     if failure is not None:
         code = failure.exit_code if isinstance(failure, FatalError) else 1
         final = code != 1
-        then = "retrying cannot help" if final else "not final: the Job will retry"
-        message = f"failed after {written} candles: {describe(failure)}; {then} (exit {code})"
+        message = f"failed after {written} candles: {describe(failure)}{_then(final, code)}"
         return Outcome("error", message, written, code, final)
-    status, reason, final = worker.stopped or ("interrupted", "cancelled by the caller", True)
-    then = "" if final else "; not final: the Job will retry and resume from the topic"
-    code = 1 if status == "error" else 0
-    return Outcome(status, f"{reason}; {written} candles written{then}", written, code, final)
+    status, reason, final, code = worker.stopped or (
+        "interrupted",
+        "cancelled by the caller",
+        True,
+        0,
+    )
+    message = f"{reason}; {written} candles written{_then(final, code)}"
+    return Outcome(status, message, written, code, final)
+
+
+def _then(final: bool, code: int) -> str:
+    """What the terminal message ends with: whether, and how, the work goes on."""
+    if not final:
+        return f"; exit {code}: the Job will retry, resuming from the topic"
+    return f"; exit {code}: retrying cannot help" if code else ""
 
 
 def _first_failure(exc: BaseException) -> BaseException:
@@ -348,6 +362,7 @@ async def _stop_at(worker: Worker, source: Source, stop_at: float) -> None:
             f"reached STOP_AT, but {len(short)} stream(s) lack candles closing before it ({names})",
             status="error",
             final=False,
+            exit_code=1,
         )
         return
     worker.stop("reached STOP_AT", status="finished")

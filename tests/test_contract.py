@@ -173,5 +173,6 @@ async def test_sigterm_while_streaming_is_not_final(kafka: KafkaBroker) -> None:
     events = telemetry(await read_topic(kafka, f"{topic}-events"))
     assert terminal(events, code) == row("SIGTERM")
     assert re.search(
-        r"stopped by SIGTERM; \d+ candles written; not final", str(events[-1]["message"])
+        r"stopped by SIGTERM; \d+ candles written; exit 143: the Job will retry",
+        str(events[-1]["message"]),
     )

@@ -39,8 +39,9 @@ class Emulator:
         self._hub = hub
         self.host = host
         self.port = port
-        self.url = f"ws://{host}:{port}"
-        """Base URL, e.g. ``ws://127.0.0.1:40123``."""
+        scheme = "ws" if config.ssl_context is None else "wss"
+        self.url = f"{scheme}://{host}:{port}"
+        """Base URL, e.g. ``ws://127.0.0.1:40123`` (``wss://`` with ``config.ssl_context``)."""
 
     # -- addresses ------------------------------------------------------------------------
 
@@ -330,7 +331,14 @@ async def serve_emulator(
     emulator = Emulator(config, hub, host, port)
 
     async def handle(stream: trio.SocketStream) -> None:
-        await Connection(hub, stream).run()
+        if config.ssl_context is None:
+            await Connection(hub, stream).run()
+        else:
+            # The TLS handshake runs on the first read, inside the WebSocket handshake's
+            # timeout; a client that rejects the certificate is a client that went away.
+            await Connection(
+                hub, trio.SSLStream(stream, config.ssl_context, server_side=True)
+            ).run()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(publisher.run)
