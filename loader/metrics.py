@@ -99,6 +99,31 @@ class _StatsCollector(Collector):
             "updates_shed", "In-progress updates shed under backpressure.", s.updates_shed
         )
         yield _counter(
+            "candles_lost",
+            "Closed candles that can no longer be had (beyond BACKFILL_WINDOW, or not in "
+            "history): every one is also logged and told in telemetry.",
+            s.candles_lost,
+        )
+        yield _counter("holes", "Gaps, each of one or more lost candles.", s.holes)
+        yield _counter("fills", "Gaps filled from history (fills started).", s.fills_started)
+        yield _counter(
+            "pending_dropped",
+            "Frames a replacement connection buffered and did not publish (their gaps are filled).",
+            s.pending_dropped,
+        )
+        yield _counter(
+            "held_evicted",
+            "Live candles shed while their stream's gap was being filled (refilled).",
+            s.held_evicted,
+        )
+        yield _counter(
+            "history_connections", "WebSocket API connections opened.", s.history_connections
+        )
+        yield _labelled(
+            "history_errors", "History requests that failed, by cause.", "cause",
+            s.history_errors,
+        )  # fmt: skip
+        yield _counter(
             "control_ignored", "Control messages ignored (malformed or another queue's).",
             s.control_ignored,
         )  # fmt: skip

@@ -16,7 +16,8 @@ from typing import Final, Literal, TypeVar
 
 import msgspec
 
-from loader.binance import INTERVALS, stream_name
+from loader.binance import stream_name
+from loader.intervals import INTERVALS
 
 MAX_STREAMS: Final = 1024
 # What the shutdown budget leaves of the pod's grace period: the process's own exit, and a

@@ -29,6 +29,19 @@ class Stats:
     malformed: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     reconnects: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     control_ignored: int = 0
+    # Closed candles that can no longer be had (beyond BACKFILL_WINDOW, or absent from
+    # history): each hole is also logged and reported in telemetry.
+    candles_lost: int = 0
+    holes: int = 0
+    # Frames a replacement connection buffered and never published (it died first, or its
+    # buffer overflowed); held candles shed during a long fill. Their gaps are filled.
+    pending_dropped: int = 0
+    held_evicted: int = 0
+    fills_started: int = 0
+    history_connections: int = 0
+    history_errors: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
     last_frame_at: float = dataclasses.field(default_factory=time.monotonic)
     # When the Binance connection last answered a ping of ours: life without data, which is
     # all a symbol that does not trade shows.
@@ -63,6 +76,13 @@ class Stats:
             control_ignored=self.control_ignored,
             malformed=dict(self.malformed),
             reconnects=dict(self.reconnects),
+            candles_lost=self.candles_lost,
+            holes=self.holes,
+            pending_dropped=self.pending_dropped,
+            held_evicted=self.held_evicted,
+            fills_started=self.fills_started,
+            history_connections=self.history_connections,
+            history_errors=dict(self.history_errors),
             frame_age=self.frame_age(),
             alive_age=self.alive_age(),
             ack_age=self.ack_age(),
@@ -83,6 +103,13 @@ class StatsSnapshot:
     control_ignored: int
     malformed: dict[str, int]
     reconnects: dict[str, int]
+    candles_lost: int
+    holes: int
+    pending_dropped: int
+    held_evicted: int
+    fills_started: int
+    history_connections: int
+    history_errors: dict[str, int]
     frame_age: float
     alive_age: float
     ack_age: float

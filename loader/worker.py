@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -71,10 +72,12 @@ class Worker:
         self.outcome: Outcome | None = None
         # The bound port when METRICS_PORT is set (0 there picks a free one).
         self.metrics_port: int | None = None
+        self.source: Source | None = None
         self._stop_at: float | None = None  # trio time the stop was asked for
         self._bootstrap: trio.CancelScope | None = None
         self._progress = trio.Event()
         self._done = trio.Event()
+        self._stop_requested = trio.Event()
 
     @property
     def records_written(self) -> int:
@@ -83,12 +86,29 @@ class Worker:
 
     def stop(self, reason: str = "stopped", status: Status = "interrupted", *,
              final: bool = True, exit_code: int = 0) -> None:  # fmt: skip
-        """End the run gracefully: the reader stops now, what was received is delivered, and
-        the terminal event says `reason`. `final=False` when something will start the work
-        again (a signal from Kubernetes, exit 143: the Job retries)."""
+        """End the run gracefully: fills in progress finish (bounded), then the reader stops,
+        what was received is delivered, and the terminal event says `reason`. `final=False`
+        when something will start the work again (a signal from Kubernetes, exit 143: the
+        Job retries)."""
         if self.stopped is None:
             self.stopped = (status, reason, final, exit_code)
         self.shutdown_deadline()
+        filling = self.source is not None and self.source.backfiller.active > 0
+        if filling and not self._stop_requested.is_set():
+            self._stop_requested.set()  # `_stop_after_fills` cancels once they are done
+            return
+        self._cancel()
+
+    async def _stop_after_fills(self) -> None:
+        await self._stop_requested.wait()
+        if self.source is not None:
+            # A share of the shutdown budget: delivery and the terminal event need the rest.
+            left = self.shutdown_deadline() - trio.current_time()
+            with trio.move_on_after(min(self.settings.stop_grace / 2, left / 3)):
+                await self.source.backfiller.idle()
+        self._cancel()
+
+    def _cancel(self) -> None:
         self.scope.cancel()
         if self._bootstrap is not None:
             # A stop while Kafka is still being reached waits for it, within the budget, so the
@@ -224,14 +244,27 @@ async def _run(
                                 health_timeout=settings.health_timeout)
                     )  # fmt: skip
                 await nursery.start(sink.run, candles_out)
+                nursery.start_soon(worker._stop_after_fills)
                 await nursery.start(watch_control, settings, worker.stop, worker.stats)
-                resume = await trio.to_thread.run_sync(resume_points, settings)
-                source = Source(settings, candles_in, worker.stats, resume=resume)
+                stop_reading = threading.Event()
+                try:
+                    resume = await trio.to_thread.run_sync(
+                        resume_points, settings, stop_reading, abandon_on_cancel=True
+                    )
+                finally:
+                    stop_reading.set()  # a stop during the scan ends the thread's reading too
+                holes_in, holes_out = trio.open_memory_channel[str](64)
+                source = Source(
+                    settings, candles_in, worker.stats, resume=resume,
+                    on_hole=lambda message: _offer(holes_in, message),
+                )  # fmt: skip
                 await nursery.start(source.run)
+                worker.source = source
                 log.info("streaming %s", _streams(settings))
                 nursery.start_soon(telemetry.report_progress, worker.progress)
+                nursery.start_soon(_report_holes, telemetry, holes_out)
                 if settings.stop_at is not None:
-                    nursery.start_soon(_stop_at, worker, settings.stop_at)
+                    nursery.start_soon(_stop_at, worker, source, settings.stop_at)
                 started()
     except Exception as exc:
         failure = _first_failure(exc)
@@ -302,6 +335,34 @@ def _streams(settings: Settings) -> str:
     return f"{shown} into {settings.kafka_topic}"
 
 
-async def _stop_at(worker: Worker, stop_at: float) -> None:
-    await trio.sleep(max(0.0, stop_at - time.time()))
+def _offer(channel: trio.MemorySendChannel[str], message: str) -> None:
+    # The hole is logged and counted already; telemetry of a flood of them may be shed.
+    try:
+        channel.send_nowait(message)
+    except trio.WouldBlock:
+        log.warning("hole not reported in telemetry (too many at once): %s", message)
+
+
+async def _report_holes(telemetry: Telemetry, holes: trio.MemoryReceiveChannel[str]) -> None:
+    async for message in holes:
+        await telemetry.send("loading", f"hole: {message}")
+
+
+async def _stop_at(worker: Worker, source: Source, stop_at: float) -> None:
+    """`finished` means every candle closing at or before STOP_AT is in Kafka: once the
+    moment has come (by our clock or by Binance's, whichever says so first), wait, bounded,
+    for the last candles to close and for any fill, then stop."""
+    stop_ms = int(stop_at * 1000)
+    with trio.move_on_at(trio.current_time() + max(0.0, stop_at - time.time())):
+        await source.router.wait_event_time(stop_ms)
+    short = await source.complete_until(stop_ms, worker.settings.stop_grace)
+    if short:
+        names = ", ".join(f"{s} {i}" for s, i in short[:5])
+        worker.stop(
+            f"reached STOP_AT, but {len(short)} stream(s) lack candles closing before it ({names})",
+            status="error",
+            final=False,
+            exit_code=1,
+        )
+        return
     worker.stop("reached STOP_AT", status="finished")

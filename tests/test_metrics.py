@@ -74,6 +74,8 @@ async def test_metrics_count_what_the_worker_does(kafka: KafkaBroker) -> None:
     assert second["loader_kafka_delivery_seconds_count"] >= 1
     assert second["loader_last_frame_age_seconds"] < 5
     assert "loader_channel_depth" in second
+    assert second["loader_candles_lost_total"] == 0
+    assert second["loader_holes_total"] == 0
 
 
 async def test_healthz_fails_when_the_pipeline_stalls(kafka: KafkaBroker) -> None:

@@ -20,6 +20,9 @@ from loader.testing import wire
 from loader.testing.market import Kline, Market
 from loader.testing.streams import StreamKey, stream_name
 
+# Catching up more market time than this is a clock jump (`advance`), published condensed.
+_JUMP_MS = 256_000
+
 __all__ = [
     "ClockPublisher",
     "FirehoseConfig",
@@ -84,6 +87,12 @@ class MarketClock:
     def deadline(self, market_ms: int) -> float:
         """The Trio clock time at which the market reaches ``market_ms``."""
         return self._t0 + (market_ms - self.start_ms) / (1000.0 * self.speed)
+
+    def advance(self, market_ms: int) -> None:
+        """Jump ``market_ms`` ahead at once (never back): weeks and months in a test."""
+        if market_ms < 0:
+            raise ValueError("the market clock does not go back")
+        self._t0 -= market_ms / (1000.0 * self.speed)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -226,6 +235,19 @@ class ClockPublisher(_Publisher):
     def now_ms(self) -> int:
         return self.clock.now_ms()
 
+    def add(self, key: StreamKey, conn: Subscriber) -> None:
+        if not self.subs:
+            # Nobody missed the instants that passed while idle; those after this first
+            # subscription are due, even if this task runs only after the clock moved on.
+            self._cursor = self._as_of(1000)
+        super().add(key, conn)
+
+    def advance(self, market_ms: int) -> None:
+        """Jump the market clock; the instants skipped are published at once, condensed
+        (every closing frame, then the latest update of each series)."""
+        self.clock.advance(market_ms)
+        self.subscriptions_changed.notify()
+
     def _as_of(self, period: int) -> int:
         return (self.clock.now_ms() - self.lag) // period * period
 
@@ -253,8 +275,6 @@ class ClockPublisher(_Publisher):
                 self._cursor = self._as_of(1000)
                 self.progress.notify()
                 await self.subscriptions_changed.wait()
-                # Nobody missed the instants that passed while idle.
-                self._cursor = self._as_of(1000)
                 continue
             step = 1000 if any(k[1] == "1s" for k in self.subs) else 2000
             nxt = (self._cursor // step + 1) * step
@@ -264,6 +284,13 @@ class ClockPublisher(_Publisher):
                 continue  # the subscriptions changed: the cadence may have too
             # The deadline has passed, so ``nxt`` is due even if float rounding says not.
             upto = max(self._as_of(1000), nxt)
+            if upto - nxt > _JUMP_MS:
+                # A clock jump: closing frames are what matters, and there may be millions
+                # of skipped update instants.
+                self._publish_jump(nxt, upto)
+                self._cursor = upto
+                self.progress.notify()
+                continue
             for done, a in enumerate(range(nxt, upto + 1, 1000), start=1):
                 self._publish(a)
                 self._cursor = a
@@ -272,6 +299,25 @@ class ClockPublisher(_Publisher):
                     self.progress.notify()
                     await trio.lowlevel.checkpoint()
             self.progress.notify()
+
+    def _publish_jump(self, first: int, last: int) -> None:
+        market = self.market
+        for key, conns in list(self.subs.items()):
+            symbol, interval = key
+            index = max(1, market.index_at(interval, first))
+            if market.open_time(interval, index) < first:
+                index += 1
+            while (opened := market.open_time(interval, index)) <= last:
+                kline = market.kline(symbol, interval, index - 1)
+                self._fan_out(key, opened + self.lag, kline, conns)
+                index += 1
+            period = iv.update_period_ms(interval)
+            a = last // period * period
+            index = market.index_at(interval, a)
+            opened = market.open_time(interval, index)
+            if a >= first and index >= 0 and a != opened:
+                kline = market.kline(symbol, interval, index, a - opened)
+                self._fan_out(key, a + self.lag, kline, conns)
 
     def _publish(self, a: int) -> None:
         market = self.market

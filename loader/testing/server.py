@@ -74,6 +74,19 @@ class Emulator:
         """Market time now (wall-clock time in firehose mode)."""
         return self._hub.publisher.now_ms()
 
+    def advance(self, market_ms: int) -> None:
+        """Jump the market clock ``market_ms`` ahead (not in firehose mode): the candles
+        that close meanwhile are published at once, so tests of weekly and monthly candles
+        take seconds. Connection timers (pings, lifetimes) are real time and do not jump."""
+        publisher = self._hub.publisher
+        if not isinstance(publisher, ClockPublisher):
+            raise RuntimeError("advance() needs the market clock (not firehose mode)")
+        publisher.advance(market_ms)
+
+    def advance_to(self, market_ms: int) -> None:
+        """Jump the market clock to ``market_ms`` (no-op if it is there already)."""
+        self.advance(max(0, market_ms - self.market_time_ms()))
+
     def _key(self, symbol: str, interval: str) -> tuple[str, str]:
         if not self.market.has_symbol(symbol):
             raise ValueError(f"unknown symbol {symbol!r}; known: {self.market.symbols}")
