@@ -105,6 +105,11 @@ class _StatsCollector(Collector):
             s.candles_lost,
         )
         yield _counter("holes", "Gaps, each of one or more lost candles.", s.holes)
+        yield _counter(
+            "symbols_dropped",
+            "Symbols Binance does not know, dropped with their streams (the others go on).",
+            s.symbols_dropped,
+        )
         yield _counter("fills", "Gaps filled from history (fills started).", s.fills_started)
         yield _counter(
             "pending_dropped",

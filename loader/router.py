@@ -62,6 +62,14 @@ class Router:
         # Set by the backfiller when it runs: starts the fill of one gap.
         self.fill: Callable[[Stream, Guard, Gap], None] | None = None
 
+    def drop_symbol(self, symbol: str) -> int:
+        """Stop publishing `symbol`'s streams (Binance does not know it); how many there were.
+        Their frames, should any come, are skipped as unexpected."""
+        streams = [stream for stream in self.guards if stream[0] == symbol]
+        for stream in streams:
+            del self.guards[stream]
+        return len(streams)
+
     async def kline(self, event: KlineEvent) -> None:
         """One frame of the current connection (hot path)."""
         k = event.kline

@@ -92,8 +92,10 @@ class Source:
         *,
         resume: dict[Stream, int] | None = None,
         on_hole: Callable[[str], object] = lambda _: None,
+        on_notice: Callable[[str], object] = lambda _: None,
     ) -> None:
         self.settings = settings
+        self.on_notice = on_notice  # what telemetry should say besides holes
         self.candles = candles
         self.stats = stats
         self.router = Router(settings, candles, stats, resume=resume, on_hole=on_hole)
@@ -119,8 +121,9 @@ class Source:
             self.current = await self._connect(nursery)
             task_status.started()
             await nursery.start(
-                check_symbols, self.router, self.history, self.settings.stall_timeout
-            )
+                check_symbols, self.router, self.history, self.settings.stall_timeout,
+                self.stats, self.on_notice,
+            )  # fmt: skip
             while True:
                 old = self.current
                 await old.retire.wait()

@@ -33,6 +33,8 @@ class Stats:
     # history): each hole is also logged and reported in telemetry.
     candles_lost: int = 0
     holes: int = 0
+    # Symbols Binance does not know, dropped (their streams with them); the rest go on.
+    symbols_dropped: int = 0
     # Frames a replacement connection buffered and never published (it died first, or its
     # buffer overflowed); held candles shed during a long fill. Their gaps are filled.
     pending_dropped: int = 0
@@ -78,6 +80,7 @@ class Stats:
             reconnects=dict(self.reconnects),
             candles_lost=self.candles_lost,
             holes=self.holes,
+            symbols_dropped=self.symbols_dropped,
             pending_dropped=self.pending_dropped,
             held_evicted=self.held_evicted,
             fills_started=self.fills_started,
@@ -105,6 +108,7 @@ class StatsSnapshot:
     reconnects: dict[str, int]
     candles_lost: int
     holes: int
+    symbols_dropped: int
     pending_dropped: int
     held_evicted: int
     fills_started: int

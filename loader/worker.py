@@ -253,16 +253,17 @@ async def _run(
                     )
                 finally:
                     stop_reading.set()  # a stop during the scan ends the thread's reading too
-                holes_in, holes_out = trio.open_memory_channel[str](64)
+                notices_in, notices_out = trio.open_memory_channel[str](64)
                 source = Source(
                     settings, candles_in, worker.stats, resume=resume,
-                    on_hole=lambda message: _offer(holes_in, message),
+                    on_hole=lambda message: _offer(notices_in, f"hole: {message}"),
+                    on_notice=lambda message: _offer(notices_in, message),
                 )  # fmt: skip
                 await nursery.start(source.run)
                 worker.source = source
                 log.info("streaming %s", _streams(settings))
                 nursery.start_soon(telemetry.report_progress, worker.progress)
-                nursery.start_soon(_report_holes, telemetry, holes_out)
+                nursery.start_soon(_report, telemetry, notices_out)
                 if settings.stop_at is not None:
                     nursery.start_soon(_stop_at, worker, source, settings.stop_at)
                 started()
@@ -336,16 +337,17 @@ def _streams(settings: Settings) -> str:
 
 
 def _offer(channel: trio.MemorySendChannel[str], message: str) -> None:
-    # The hole is logged and counted already; telemetry of a flood of them may be shed.
+    # What is offered is logged and counted already; telemetry of a flood of it may be shed.
     try:
         channel.send_nowait(message)
     except trio.WouldBlock:
-        log.warning("hole not reported in telemetry (too many at once): %s", message)
+        log.warning("not reported in telemetry (too many at once): %s", message)
 
 
-async def _report_holes(telemetry: Telemetry, holes: trio.MemoryReceiveChannel[str]) -> None:
-    async for message in holes:
-        await telemetry.send("loading", f"hole: {message}")
+async def _report(telemetry: Telemetry, notices: trio.MemoryReceiveChannel[str]) -> None:
+    """Holes and dropped symbols, each as a `loading` event the queue manager sees."""
+    async for message in notices:
+        await telemetry.send("loading", message)
 
 
 async def _stop_at(worker: Worker, source: Source, stop_at: float) -> None:
