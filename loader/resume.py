@@ -128,6 +128,7 @@ def resume_points(
     window_ms = int(settings.backfill_window * 1000)
     floors = {key: now_ms - window_ms - 2 * length_ms(i) for key, (_, i) in keys.items()}
     consumer = open_consumer(settings.kafka, timeout=30.0)
+    log.info("reading %s back to where %d streams left off", settings.kafka_topic, len(keys))
     try:
         found = last_closed(consumer, settings.kafka_topic, floors, stop=stop)
     finally:
