@@ -73,6 +73,7 @@ lint-deploy: sync
         mkdir -p "$rendered/overlays"
         "${kustomize[@]}" "$overlay" >"$rendered/overlays/$name.yaml"
     done
+    "${kustomize[@]}" manifests/monitoring >"$rendered/overlays/monitoring.yaml"
     step "${kustomize[*]} render"
     # checkov on what gets applied: the rendered overlays. The base alone is
     # a template (no namespace, no image registry) and is not scanned; its

@@ -6,20 +6,13 @@ frame in one pass; anything that does not fit is classified, never raised past t
 
 from __future__ import annotations
 
-import calendar
 import re
-import time
 from typing import Final, Literal
 
 import msgspec
 
+from loader.intervals import next_open
 from loader.schema import Candle
-
-INTERVALS: Final = (
-    "1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h",
-    "4h", "6h", "8h", "12h", "1d", "3d", "1w", "1M",
-)  # fmt: skip
-_UNIT_MS: Final = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 
 # JSON's own number grammar: what Binance sends as a decimal string must be emittable verbatim.
 _NUMBER: Final = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
@@ -41,11 +34,7 @@ def stream_path(names: tuple[str, ...] | list[str]) -> str:
 
 def next_open_time(open_time: int, interval: str) -> int:
     """Open time of the candle after the one opening at `open_time` (months are calendar months)."""
-    if interval == "1M":
-        opened = time.gmtime(open_time // 1000)
-        year, month0 = divmod(opened.tm_year * 12 + opened.tm_mon, 12)
-        return calendar.timegm((year, month0 + 1, 1, 0, 0, 0)) * 1000
-    return open_time + int(interval[:-1]) * _UNIT_MS[interval[-1]]
+    return next_open(interval, open_time)
 
 
 class Kline(msgspec.Struct, frozen=True):

@@ -36,7 +36,7 @@ async def serve(settings: Settings) -> int:
                     name = signal.Signals(signum).name
                     # Kubernetes sends SIGTERM to evict, drain or replace the pod: the Job
                     # starts the work again, so the outcome is not final.
-                    worker.stop(f"stopped by {name}", final=False)
+                    worker.stop(f"stopped by {name}", final=False, exit_code=128 + signum)
 
             async def main() -> None:
                 nonlocal outcome
@@ -49,11 +49,9 @@ async def serve(settings: Settings) -> int:
 
             nursery.start_soon(forward_signals)
             nursery.start_soon(main)
-    if outcome is not None and outcome.status == "error":
+    if outcome is not None:
         return outcome.exit_code
-    if received is not None:
-        return 128 + received
-    return outcome.exit_code if outcome is not None else 1
+    return 128 + received if received is not None else 1
 
 
 def main() -> None:

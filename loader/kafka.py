@@ -5,12 +5,17 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
 import trio
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    SaslAuthenticationFailedError,
+)
 
 from loader.settings import KafkaSettings
 
@@ -18,6 +23,9 @@ log = logging.getLogger(__name__)
 
 # kafka-python's close()/flush() wait forever without one; Job termination must not.
 CLOSE_TIMEOUT = 5.0
+# Bootstrap attempts cut during the SASL login, in a row, taken for a refused password: one
+# could be a broker restarting; three in a second are not.
+CUT_LOGINS = 3
 
 
 class KafkaFailure(Exception):
@@ -57,21 +65,52 @@ def describe(exc: BaseException) -> str:
     return text if text.startswith(name) else f"{name}: {text}"
 
 
+class _Hopeless(Exception):
+    """Raised into kafka-python's bootstrap loop to end it: retrying cannot help."""
+
+
 class _Causes(logging.Handler):
     """kafka-python logs why a bootstrap failed (bad password, unknown CA) but raises only a
-    timeout; its last words on the matter make the error say why."""
+    timeout; its last words on the matter make the error say why.
+
+    It also retries a refused login or an untrusted certificate until its bootstrap timeout
+    (up to a minute), though the same password and CA file are refused every time: the first
+    such failure of the bootstrap loop ends it, named. (The Job's next pod may still succeed:
+    it reads the Secrets again, which Strimzi may have renewed meanwhile.)"""
 
     # Most telling first: a refused login or certificate beats a plain connection failure.
     MARKERS = ("Authentication", "SSL", "Handshake", "refused", "Connection failed")
 
-    def __init__(self) -> None:
+    def __init__(self, kafka: KafkaSettings) -> None:
         super().__init__(logging.WARNING)
+        self.kafka = kafka
         self.messages: collections.deque[str] = collections.deque(maxlen=50)
+        self.hopeless: str | None = None
+        # Consecutive bootstrap attempts the broker hung up on in the middle of the login.
+        self.cut_logins = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+        hopeless = _hopeless(record, self.kafka)
+        # The bootstrap loop logs each failed attempt before its next one.
+        attempt = record.name == "kafka.net.manager" and record.funcName == "_do_bootstrap"
+        if attempt and hopeless is None and (failure := _exception(record)) is not None:
+            self.cut_logins = self.cut_logins + 1 if _cut_during_login(failure) else 0
+            if self.cut_logins >= CUT_LOGINS:
+                hopeless = (
+                    f"Kafka closed the connection during the login of user {self.kafka.user!r} "
+                    f"({self.kafka.sasl_mechanism}) {self.cut_logins} times in a row: most "
+                    "likely a wrong user name or password (kafka-python loses the broker's "
+                    "reply when the close comes with it)"
+                )
+        if hopeless is not None:
+            self.hopeless = hopeless
+            if attempt:
+                raise _Hopeless(hopeless)  # raised from the log call, it ends the loop
 
     def explain(self) -> str:
+        if self.hopeless is not None:
+            return f": {self.hopeless}"
         for marker in self.MARKERS:
             for message in reversed(self.messages):
                 if marker in message:
@@ -79,17 +118,60 @@ class _Causes(logging.Handler):
         return ""
 
 
+def _exception(record: logging.LogRecord) -> BaseException | None:
+    args = record.args if isinstance(record.args, tuple) else ()
+    return next((a for a in args if isinstance(a, BaseException)), None)
+
+
+def _cut_during_login(exc: BaseException) -> bool:
+    """Whether the connection broke while kafka-python was in its SASL login. The broker
+    answers a wrong password with an error and closes the connection; kafka-python 3.0.12
+    drops that reply when both arrive in one read, and reports only a disconnect."""
+    if not isinstance(exc, KafkaConnectionError):
+        return False
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_name == "_sasl_authenticate":
+            return True
+        frame = frame.tb_next
+    return False
+
+
+def _hopeless(record: logging.LogRecord, kafka: KafkaSettings) -> str | None:
+    """The cause, in one line, when a logged failure is one that retrying cannot fix."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    for arg in args:
+        seen: set[int] = set()
+        exc: BaseException | None = arg if isinstance(arg, BaseException) else None
+        while exc is not None and id(exc) not in seen:
+            seen.add(id(exc))
+            if isinstance(exc, SaslAuthenticationFailedError):
+                return (
+                    f"Kafka refused the login of user {kafka.user!r} ({kafka.sasl_mechanism}): "
+                    "wrong user name or password"
+                )
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                trusted = f"CA_PATH={kafka.ca_path}" if kafka.ca_path else "the system's CAs"
+                return (
+                    "the Kafka broker's TLS certificate is not trusted "
+                    f"({exc.verify_message or exc.reason}; checked against {trusted})"
+                )
+            exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @contextlib.contextmanager
 def _failure_cause(what: str, kafka: KafkaSettings) -> Iterator[None]:
-    causes = _Causes()
+    causes = _Causes(kafka)
     logger = logging.getLogger("kafka")
     logger.addHandler(causes)
     try:
         yield
     except Exception as exc:
+        detail = "" if isinstance(exc, _Hopeless) else f": {describe(exc)}"
         raise KafkaFailure(
             f"cannot open a Kafka {what} to {kafka.bootstrap_servers} "
-            f"({kafka.security_protocol}): {describe(exc)}{causes.explain()}"
+            f"({kafka.security_protocol}){detail}{causes.explain()}"
         ) from exc
     finally:
         logger.removeHandler(causes)

@@ -1,8 +1,10 @@
-"""Prometheus metrics and `/healthz`, served from a thread when METRICS_PORT is set.
+"""Prometheus metrics and `/healthz`, served from threads when METRICS_PORT is set.
 
-Counters live as plain integers in `Stats` (cheap on the hot path); a collector turns them into
-samples at scrape time. The delivery-latency histogram is prometheus-client's own, observed once
-per acknowledged batch.
+Counters live as plain integers in `Stats` (cheap on the hot path); at scrape time the HTTP
+thread asks the Trio thread for a snapshot of them, so it never iterates a Counter that a Trio
+task is growing. Each request gets its own thread: a slow scrape never holds up `/healthz`,
+which reads two timestamps and needs nothing from Trio. The delivery-latency histogram is
+prometheus-client's own (thread-safe), observed once per acknowledged batch.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -18,17 +21,38 @@ from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from loader.stats import Stats
+from loader.binance import next_open_time
+from loader.stats import Stats, StatsSnapshot
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class Metrics:
-    """One worker's registry: its counters, gauges and the delivery-latency histogram."""
+    """One worker's registry: its counters, gauges and the delivery-latency histogram.
 
-    def __init__(self, stats: Stats, channel_depth: Callable[[], int]) -> None:
+    Build it on the Trio thread that owns `stats`: scrapes from other threads are answered
+    with snapshots taken there.
+    """
+
+    def __init__(
+        self,
+        stats: Stats,
+        channel_depth: Callable[[], int],
+        *,
+        intervals: Iterable[str] = (),
+    ) -> None:
         self.stats = stats
         self.channel_depth = channel_depth
+        # The shortest candle period: how often a closed candle is due, for freshness alerts.
+        periods = [next_open_time(0, i) / 1000 for i in intervals]
+        self.shortest_interval = min(periods, default=0.0)
+        try:
+            self._owner: tuple[trio.lowlevel.TrioToken, int] | None = (
+                trio.lowlevel.current_trio_token(),
+                threading.get_ident(),
+            )
+        except RuntimeError:  # built outside Trio: nothing to hop to, read directly
+            self._owner = None
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_StatsCollector(self))
         self.delivery_latency = Histogram(
@@ -38,13 +62,23 @@ class Metrics:
             registry=self.registry,
         )
 
+    def read(self) -> tuple[StatsSnapshot, int]:
+        """The counters and the channel depth, taken on the Trio thread whatever the caller's."""
+        owner = self._owner
+        if owner is None or owner[1] == threading.get_ident():
+            return self._read()
+        return trio.from_thread.run_sync(self._read, trio_token=owner[0])
+
+    def _read(self) -> tuple[StatsSnapshot, int]:
+        return self.stats.snapshot(), self.channel_depth()
+
 
 class _StatsCollector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
     def collect(self) -> Iterable[Metric]:
-        s = self.metrics.stats
+        s, depth = self.metrics.read()
         yield _counter(
             "candles_received", "Closed candles received from Binance.", s.candles_received
         )
@@ -64,25 +98,66 @@ class _StatsCollector(Collector):
         yield _counter(
             "updates_shed", "In-progress updates shed under backpressure.", s.updates_shed
         )
-        malformed = CounterMetricFamily(
-            "loader_malformed_frames", "Frames skipped, by kind.", labels=["kind"]
+        yield _counter(
+            "candles_lost",
+            "Closed candles that can no longer be had (beyond BACKFILL_WINDOW, or not in "
+            "history): every one is also logged and told in telemetry.",
+            s.candles_lost,
         )
-        for kind, count in sorted(s.malformed.items()):
-            malformed.add_metric([kind], count)
-        yield malformed
-        reconnects = CounterMetricFamily(
-            "loader_reconnects", "Binance connections replaced, by reason.", labels=["reason"]
+        yield _counter("holes", "Gaps, each of one or more lost candles.", s.holes)
+        yield _counter(
+            "symbols_dropped",
+            "Symbols Binance does not know, dropped with their streams (the others go on).",
+            s.symbols_dropped,
         )
-        for reason, count in sorted(s.reconnects.items()):
-            reconnects.add_metric([reason], count)
-        yield reconnects
+        yield _counter("fills", "Gaps filled from history (fills started).", s.fills_started)
+        yield _counter(
+            "pending_dropped",
+            "Frames a replacement connection buffered and did not publish (their gaps are filled).",
+            s.pending_dropped,
+        )
+        yield _counter(
+            "held_evicted",
+            "Live candles shed while their stream's gap was being filled (refilled).",
+            s.held_evicted,
+        )
+        yield _counter(
+            "history_connections", "WebSocket API connections opened.", s.history_connections
+        )
+        yield _labelled(
+            "history_errors", "History requests that failed, by cause.", "cause",
+            s.history_errors,
+        )  # fmt: skip
+        yield _counter(
+            "control_ignored", "Control messages ignored (malformed or another queue's).",
+            s.control_ignored,
+        )  # fmt: skip
+        yield _labelled("malformed_frames", "Frames skipped, by kind.", "kind", s.malformed)
+        yield _labelled(
+            "reconnects", "Binance connections replaced, by reason.", "reason", s.reconnects
+        )
         yield GaugeMetricFamily(
-            "loader_last_frame_age_seconds", "Seconds since the last frame.", value=s.frame_age()
+            "loader_last_frame_age_seconds", "Seconds since the last frame.", value=s.frame_age
+        )
+        yield GaugeMetricFamily(
+            "loader_last_alive_age_seconds",
+            "Seconds since the Binance connection last showed life: a frame or an answered ping.",
+            value=s.alive_age,
+        )
+        yield GaugeMetricFamily(
+            "loader_last_candle_age_seconds",
+            "Seconds since Kafka last acknowledged a candle: the topic's freshness.",
+            value=s.ack_age,
+        )
+        yield GaugeMetricFamily(
+            "loader_shortest_interval_seconds",
+            "Period of the shortest configured interval: a closed candle is due that often.",
+            value=self.metrics.shortest_interval,
         )
         yield GaugeMetricFamily(
             "loader_channel_depth",
             "Candles waiting in the channel for the Kafka sink.",
-            value=self.metrics.channel_depth(),
+            value=depth,
         )
 
 
@@ -90,15 +165,33 @@ def _counter(name: str, documentation: str, value: int) -> CounterMetricFamily:
     return CounterMetricFamily(f"loader_{name}", documentation, value=value)
 
 
+def _labelled(name: str, documentation: str, label: str, counts: dict[str, int]) -> Metric:
+    family = CounterMetricFamily(f"loader_{name}", documentation, labels=[label])
+    for key, count in sorted(counts.items()):
+        family.add_metric([key], count)
+    return family
+
+
 def healthy(stats: Stats, timeout: float) -> tuple[bool, str]:
-    """Unhealthy when no frame arrived, or Kafka acknowledged nothing pending, for `timeout`."""
-    age = stats.frame_age()
+    """Liveness: unhealthy when the Binance connection showed no life (no frame, no answered
+    ping) for `timeout`, or Kafka acknowledged nothing pending for as long. A quiet stream on a
+    live connection is healthy: stale data is the freshness metric's business, not a restart's.
+    Reads only numbers the GIL makes atomic, so it never waits for the Trio thread."""
+    age = stats.alive_age()
     if age > timeout:
-        return False, f"no frame from Binance for {age:.0f} s"
+        return False, f"no frame from Binance and no answered ping for {age:.0f} s"
     stuck = time.monotonic() - stats.last_ack_at
     if stats.unacknowledged and stuck > timeout:
         return False, f"{stats.unacknowledged} candles unacknowledged for {stuck:.0f} s"
     return True, "ok"
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """One thread per request, so a slow scrape cannot hold up the kubelet's probe."""
+
+    daemon_threads = True
+    # Shutting down must not wait for a request stuck on a slow client.
+    block_on_close = False
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -131,7 +224,11 @@ async def serve_metrics(
 ) -> None:
     """Serve /metrics and /healthz until cancelled; reports the bound port."""
     server: WSGIServer = make_server(
-        host, port, _app(metrics, health_timeout), handler_class=_QuietHandler
+        host,
+        port,
+        _app(metrics, health_timeout),
+        server_class=_ThreadingServer,
+        handler_class=_QuietHandler,
     )
     thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
     thread.start()

@@ -16,7 +16,8 @@ from typing import Final, Literal, TypeVar
 
 import msgspec
 
-from loader.binance import INTERVALS, stream_name
+from loader.binance import stream_name
+from loader.intervals import INTERVALS
 from loader.shards import MAX_STREAMS_PER_CONNECTION, Selection, parse_selection
 
 MAX_STREAMS: Final = 1024

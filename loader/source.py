@@ -1,12 +1,15 @@
 """The Binance source: kline frames off the WebSocket, candles into the channel, without gaps.
 
-Layout: the current connection's reader task decodes each frame and publishes it itself (no
-hop through another task: the hot path is one task), applying each stream's order guard and
-filling gaps from the history API; trio-websocket's own reader task answers Binance's pings
-meanwhile. A supervisor replaces connections that die, stall, reach their lifetime or
-announce a server shutdown, opening the new one before closing the old: until it is promoted
-the new one only buffers, so exactly one task publishes at a time, and the guard drops what
-the overlap repeats.
+Layout, the way the data flows: the current connection's reader task decodes each frame and
+hands it to the router (`loader/router.py`) itself (no hop through another task: the hot path
+is one task), whose per-stream guards (`loader/guard.py`) say what to publish and which gap to
+fill; the backfiller (`loader/backfill.py`) fills gaps from the one history client
+(`loader/history.py`) while the reader keeps reading, and trio-websocket's own reader task
+answers Binance's pings meanwhile. A supervisor (`Source.run`) replaces connections that die,
+stall, reach their lifetime or announce a server shutdown, opening the new one before closing
+the old: until it is promoted the new one only buffers, so exactly one task publishes at a
+time, and the guard drops what the overlap repeats. The symbol checker (`loader/symbols.py`)
+tells a silent stream from an unknown symbol.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import collections
 import itertools
 import logging
 import math
-import random
 import time
 from collections.abc import Callable
 from typing import Final
@@ -23,92 +25,33 @@ from typing import Final
 import trio
 import trio_websocket
 
-from loader.binance import (
-    BadFrame,
-    FrameDecoder,
-    Kline,
-    KlineEvent,
-    ServerShutdown,
-    next_open_time,
-    stream_name,
-    stream_path,
-    to_candle,
-)
+from loader.backfill import Backfiller
+from loader.backoff import Backoff, ConnectBudget
+from loader.binance import BadFrame, FrameDecoder, KlineEvent, ServerShutdown, stream_path
 from loader.errors import FatalError
-from loader.history import History, HistoryError
-from loader.logs import ThrottledLog
+from loader.history import HistoryClient
+from loader.intervals import candle_open
+from loader.router import Router, Stream
 from loader.schema import Candle
 from loader.settings import Settings
 from loader.stats import Stats
+from loader.symbols import check_symbols
+from loader.tls import TlsWatch
+
+__all__ = ["Backoff", "Source"]
 
 log = logging.getLogger(__name__)
 
 # trio-websocket closes the connection past this; smaller odd frames are skipped and counted.
 HARD_FRAME_LIMIT: Final = 4 * 1024 * 1024
-BACKFILL_ATTEMPTS: Final = 3
 PING_TIMEOUT: Final = 5.0
 # A replacement's frames buffered before its switch; more (a slow switch) are shed, and the
 # gap they leave is filled from history.
 PENDING_LIMIT: Final = 10_000
 
-Stream = tuple[str, str]  # (SYMBOL, interval)
-# What a history request raises when Binance cannot be asked (as opposed to answering no).
-HISTORY_UNREACHABLE: Final = (
-    trio_websocket.HandshakeError,
-    trio_websocket.ConnectionClosed,
-    OSError,
-    trio.TooSlowError,
-)
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter, plus a cap on attempts per minute."""
-
-    def __init__(
-        self,
-        per_minute: int,
-        base: float = 1.0,
-        cap: float = 30.0,
-        rng: Callable[[], float] = random.random,
-    ) -> None:
-        self.base, self.cap, self.rng = base, cap, rng
-        self.attempt = 0
-        self._recent: collections.deque[float] = collections.deque(maxlen=per_minute)
-
-    async def turn(self) -> None:
-        """Wait until one more attempt fits in the per-minute budget, and take it: this holds
-        for reconnects after a healthy connection died, too, not only after failures."""
-        if len(self._recent) == self._recent.maxlen:
-            await trio.sleep_until(self._recent[0] + 60.0)
-        self._recent.append(trio.current_time())
-
-    def failed(self, at_least: float = 0.0) -> float:
-        """Seconds to wait after a failed attempt (at least `at_least`, e.g. Retry-After)."""
-        jittered = min(self.cap, self.base * 2.0**self.attempt) * self.rng()
-        self.attempt += 1
-        return max(jittered, at_least)
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
-class Guard:
-    """One stream's publishing state: what was published decides what may follow."""
-
-    __slots__ = ("last_closed", "last_update", "next_open", "seen")
-
-    def __init__(self, last_closed: int = -1, interval: str = "1m") -> None:
-        self.last_closed = -1  # open time of the last closed candle published
-        self.next_open = -1  # when that candle's successor opens: a gap if a later one comes
-        self.last_update = -1  # event time of the last in-progress update published
-        self.seen = -math.inf  # trio time of the last frame for this stream
-        if last_closed >= 0:
-            self.closed(last_closed, interval)
-
-    def closed(self, open_time: int, interval: str) -> None:
-        """The closed candle opening at `open_time` is published (or already in Kafka)."""
-        self.last_closed = open_time
-        self.next_open = next_open_time(open_time, interval)
+# After STOP_AT, how long Binance's clock must be past a candle's close before history is
+# asked for it: closing frames arrive up to a second or two late.
+CLOSE_MARGIN_MS: Final = 5_000
 
 
 class Connection:
@@ -148,30 +91,39 @@ class Source:
         stats: Stats,
         *,
         resume: dict[Stream, int] | None = None,
-        history: History | None = None,
+        on_hole: Callable[[str], object] = lambda _: None,
+        on_notice: Callable[[str], object] = lambda _: None,
     ) -> None:
         self.settings = settings
+        self.on_notice = on_notice  # what telemetry should say besides holes
         self.candles = candles
         self.stats = stats
-        self.history = history or History(settings.binance_api_url)
-        resume = resume or {}
-        self.guards = {s: Guard(resume.get(s, -1), s[1]) for s in settings.streams}
+        self.router = Router(settings, candles, stats, resume=resume, on_hole=on_hole)
+        self.guards = self.router.guards
+        # One per-IP budget for every connection: market streams and the history API.
+        budget = ConnectBudget(settings.connects_per_minute)
+        self.backoff = Backoff(budget=budget)
+        self.history = HistoryClient(settings.binance_api_url, Backoff(budget=budget), stats)
+        self.backfiller = Backfiller(self.router, self.history, stats)
         names = list(settings.stream_names)
         base = settings.binance_ws_url.rstrip("/").removesuffix("/ws").removesuffix("/stream")
         self.url = base + stream_path(names)
+        self.tls = TlsWatch(self.url)
         self.decoder = FrameDecoder(combined=len(names) > 1)
-        self.backoff = Backoff(settings.connects_per_minute)
-        self.bad = ThrottledLog(log)
-        self.valid_symbols: set[str] = set()
         self._numbers = itertools.count(1)
         self.current: Connection | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, report ready, and keep a live connection until cancelled."""
         async with self.candles, trio.open_nursery() as nursery:
+            await nursery.start(self.history.run)
+            await nursery.start(self.backfiller.run)
             self.current = await self._connect(nursery)
             task_status.started()
-            nursery.start_soon(self._watch_symbols)
+            await nursery.start(
+                check_symbols, self.router, self.history, self.settings.stall_timeout,
+                self.stats, self.on_notice,
+            )  # fmt: skip
             while True:
                 old = self.current
                 await old.retire.wait()
@@ -202,6 +154,9 @@ class Source:
                 retry_after = _retry_after(exc)
                 reason = f"rejected_{exc.status_code}"
             except (trio_websocket.HandshakeError, OSError) as exc:
+                if (untrusted := self.tls.untrusted()) is not None:
+                    # Every retry would meet the same certificate: not a network blip.
+                    raise FatalError(f"cannot connect to Binance: {untrusted}", 2) from exc
                 reason = type(exc).__name__
             else:
                 return conn
@@ -217,6 +172,7 @@ class Source:
         with conn.scope:
             async with trio_websocket.open_websocket_url(
                 self.url,
+                ssl_context=self.tls.context,
                 message_queue_size=256,
                 max_message_size=HARD_FRAME_LIMIT,
                 receive_buffer_size=64 * 1024,
@@ -237,9 +193,14 @@ class Source:
                         log.warning("Binance closed connection %d: %s", conn.number, exc)
                     conn.retire_for("closed", dead=True)
                     nursery.cancel_scope.cancel()
+        if conn is not self.current and conn.pending:
+            # A replacement that died before its promotion: the connection that stays
+            # current carries these candles, and any gap they leave is filled from history.
+            self.stats.pending_dropped += len(conn.pending)
+            conn.pending.clear()
 
     async def _read(self, ws: trio_websocket.WebSocketConnection, conn: Connection) -> None:
-        decode, stats, guards = self.decoder.decode, self.stats, self.guards
+        decode, stats, route = self.decoder.decode, self.stats, self.router.kline
         all_candles = self.settings.all_candles
         while True:
             conn.reading, conn.idle_since = True, trio.current_time()
@@ -256,7 +217,7 @@ class Source:
             try:
                 event = decode(frame)
             except BadFrame as bad:
-                self.skip(bad.kind, str(bad))
+                self.router.skip(bad.kind, str(bad))
                 continue
             if not conn.first_frame.is_set():
                 conn.first_frame.set()
@@ -265,18 +226,16 @@ class Source:
                 self.stats.reconnects["server_shutdown"] += 1
                 conn.retire_for("server shutdown")
                 continue
-            k = event.kline
-            if not k.is_closed:
-                guard = guards.get((k.symbol, k.interval))
-                if guard is not None:
-                    guard.seen = conn.idle_since
-                if not all_candles:
-                    continue
             if conn is not self.current:
-                conn.pending.append(event)
+                # Updates only tell the open time, which the current connection tells too.
+                if event.kline.is_closed or all_candles:
+                    if len(conn.pending) == PENDING_LIMIT:
+                        stats.pending_dropped += 1
+                    conn.pending.append(event)
                 continue
-            await self._publish_pending(conn)
-            await self.kline(event)
+            if conn.pending:
+                await self._publish_pending(conn)
+            await route(event)
 
     async def _read_until_promoted(
         self, ws: trio_websocket.WebSocketConnection, conn: Connection
@@ -295,7 +254,7 @@ class Source:
 
     async def _publish_pending(self, conn: Connection) -> None:
         while conn.pending:
-            await self.kline(conn.pending.popleft())
+            await self.router.kline(conn.pending.popleft())
 
     async def _watch(self, ws: trio_websocket.WebSocketConnection, conn: Connection) -> None:
         """Retire a connection that is dead, or that reached its lifetime.
@@ -320,6 +279,7 @@ class Source:
                     except trio_websocket.ConnectionClosed:
                         return  # the reader sees it too, and retires the connection
                     conn.idle_since = trio.current_time()
+                    self.stats.last_alive_at = time.monotonic()
                     continue
                 self.stats.reconnects["stalled"] += 1
                 log.warning("Binance went silent and did not answer a ping; reconnecting")
@@ -327,110 +287,48 @@ class Source:
                 return
 
     async def kline(self, event: KlineEvent) -> None:
-        """Publish one kline event if it moves its stream forward, filling any gap first."""
-        k = event.kline
-        guard = self.guards.get((k.symbol, k.interval))
-        if guard is None:
-            self.skip("unexpected_stream", f"{k.symbol} {k.interval} was not asked for")
-            return
-        guard.seen = trio.current_time()
-        if k.open_time > guard.next_open >= 0:
-            await self._backfill(guard, k)
-        if k.is_closed:
-            self.stats.candles_received += 1
-            if k.open_time <= guard.last_closed:
-                self.stats.duplicates_dropped += 1
-                return
-        elif not self.settings.all_candles:
-            return
-        elif k.open_time <= guard.last_closed or event.event_time <= guard.last_update:
-            self.stats.duplicates_dropped += 1
-            return
-        try:
-            candle = to_candle(k, with_state=self.settings.all_candles)
-        except BadFrame as bad:
-            self.skip(bad.kind, str(bad))
-            return
-        # The guard moves only once the candle is in the channel: a send cancelled by a
-        # rotation leaves it to the replacement connection (or the backfill).
-        if k.is_closed:
-            try:
-                self.candles.send_nowait(candle)  # the usual case: no trip through the scheduler
-            except trio.WouldBlock:
-                await self.candles.send(candle)
-            guard.closed(k.open_time, k.interval)
-        else:
-            # An update is superseded by the next one: under backpressure it is shed, so the
-            # reader keeps reading and trio-websocket keeps answering pings.
-            try:
-                self.candles.send_nowait(candle)
-            except trio.WouldBlock:
-                self.stats.updates_shed += 1
-                return
-            guard.last_update = event.event_time
-        self.stats.candles_published += 1
+        """Publish one kline event if it moves its stream forward (a gap goes to the
+        backfiller)."""
+        await self.router.kline(event)
 
-    async def _backfill(self, guard: Guard, k: Kline) -> None:
-        """Publish the closed candles between the last published one and `k`, oldest first."""
-        start = guard.next_open
-        floor = k.open_time - int(self.settings.backfill_window * 1000)
-        fields = {"stream": stream_name(k.symbol, k.interval), "gap_start": start}
-        if start < floor:
-            log.warning("gap reaches back beyond BACKFILL_WINDOW; filling from %d", floor,
-                        extra=fields)  # fmt: skip
-            start = floor
-        missing = await self._fetch(k.symbol, k.interval, start, k.open_time - 1)
-        log.info(
-            "backfilled %d closed candles", len(missing), extra=fields | {"gap_end": k.open_time}
-        )
-        for kline in missing:
-            if kline.open_time <= guard.last_closed:
-                continue
-            await self.candles.send(to_candle(kline, with_state=self.settings.all_candles))
-            guard.closed(kline.open_time, kline.interval)
-            self.stats.candles_published += 1
-            self.stats.candles_backfilled += 1
+    def lagging(self, stop_ms: int) -> list[Stream]:
+        """Streams not yet published up to every candle closing at or before `stop_ms`
+        (a stream never heard from has nothing to publish)."""
+        return [
+            s
+            for s, g in self.guards.items()
+            if g.next_open >= 0 and not g.reached(candle_open(s[1], stop_ms + 1))
+        ]
 
-    async def _fetch(self, symbol: str, interval: str, start: int, end: int) -> list[Kline]:
-        for attempt in range(1, BACKFILL_ATTEMPTS + 1):
-            try:
-                return await self.history.closed_klines(symbol, interval, start, end)
-            except (HistoryError, *HISTORY_UNREACHABLE) as exc:
-                if attempt == BACKFILL_ATTEMPTS:
-                    # A gap that cannot be filled must not pass silently: the Job's retry
-                    # resumes from the topic and tries again.
-                    raise FatalError(f"cannot backfill {symbol} {interval}: {exc}") from exc
-                log.warning("backfill of %s %s failed (%s); retrying", symbol, interval, exc)
-                await trio.sleep(2.0**attempt)
-        raise AssertionError("unreachable")
-
-    async def _watch_symbols(self) -> None:
-        while True:
-            await trio.sleep(self.settings.stall_timeout)
-            await self._check_silent_symbols()
-
-    async def _check_silent_symbols(self) -> None:
-        """Binance answers an unknown symbol with silence; ask the history API to tell apart."""
-        now = trio.current_time()
-        for (symbol, interval), guard in self.guards.items():
-            if symbol in self.valid_symbols or now - guard.seen < self.settings.stall_timeout:
-                continue
-            try:
-                await self.history.check_symbol(symbol, interval)
-            except HistoryError as exc:
-                if exc.invalid_symbol:
-                    raise FatalError(
-                        f"Binance does not know symbol {symbol} ({exc.msg})", exit_code=2
-                    ) from exc
-                log.warning("cannot check symbol %s: %s", symbol, exc)
-            except HISTORY_UNREACHABLE as exc:
-                log.warning("cannot check symbol %s: %s", symbol, exc)
-            else:
-                self.valid_symbols.add(symbol)
-
-    def skip(self, kind: str, detail: str) -> None:
-        self.stats.malformed[kind] += 1
-        self.bad.warning(kind, f"skipped a frame: {detail}")
+    async def complete_until(self, stop_ms: int, within: float) -> list[Stream]:
+        """Wait (at most `within` s) until every candle closing at or before `stop_ms` is
+        published; a stream the live feed does not bring there by half of it is filled from
+        history once Binance's clock is past. Returns the streams still short."""
+        deadline = trio.current_time() + within
+        ask_at = trio.current_time() + within / 2
+        asked: set[Stream] = set()
+        while lagging := self.lagging(stop_ms):
+            now = trio.current_time()
+            if now >= deadline:
+                return lagging
+            if now >= ask_at:
+                for stream in lagging:
+                    guard = self.guards[stream]
+                    boundary = candle_open(stream[1], stop_ms + 1)
+                    # Binance's clock as its frames last told it, or ours if the feed is
+                    # dead: either says whether the candles have closed by now.
+                    binance_now = max(self.router.latest_event_ms, int(time.time() * 1000))
+                    late = binance_now >= boundary + CLOSE_MARGIN_MS
+                    idle = not guard.filling and guard not in self.router.sending
+                    if stream not in asked and idle and late:
+                        asked.add(stream)
+                        gap = guard.gap_to(boundary, binance_now)
+                        if gap is not None:
+                            self.router.gap(stream, guard, gap)
+            # Progress comes from the reader and the fills; a short poll keeps this apart
+            # from the hot path.
+            await trio.sleep(0.05)
+        return []
 
 
 def _retry_after(exc: trio_websocket.ConnectionRejected) -> float:

@@ -1,7 +1,9 @@
 """Counters the tasks bump on their hot paths; metrics and telemetry read them, never the reverse.
 
 Plain integers, not Prometheus objects: an increment here is an attribute store, and the
-exporter turns them into samples only when scraped.
+exporter turns them into samples only when scraped. Only Trio tasks write them (one exception,
+`candles_handed`, is one integer the sending thread owns), so a copy taken on the Trio thread
+(`snapshot`) is consistent and safe to read from any other thread.
 """
 
 from __future__ import annotations
@@ -27,7 +29,25 @@ class Stats:
     malformed: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     reconnects: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     control_ignored: int = 0
+    # Closed candles that can no longer be had (beyond BACKFILL_WINDOW, or absent from
+    # history): each hole is also logged and reported in telemetry.
+    candles_lost: int = 0
+    holes: int = 0
+    # Symbols Binance does not know, dropped (their streams with them); the rest go on.
+    symbols_dropped: int = 0
+    # Frames a replacement connection buffered and never published (it died first, or its
+    # buffer overflowed); held candles shed during a long fill. Their gaps are filled.
+    pending_dropped: int = 0
+    held_evicted: int = 0
+    fills_started: int = 0
+    history_connections: int = 0
+    history_errors: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
     last_frame_at: float = dataclasses.field(default_factory=time.monotonic)
+    # When the Binance connection last answered a ping of ours: life without data, which is
+    # all a symbol that does not trade shows.
+    last_alive_at: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
     def unacknowledged(self) -> int:
@@ -35,3 +55,65 @@ class Stats:
 
     def frame_age(self) -> float:
         return time.monotonic() - self.last_frame_at
+
+    def alive_age(self) -> float:
+        """Seconds since the connection last showed life: a frame or an answered ping."""
+        return time.monotonic() - max(self.last_frame_at, self.last_alive_at)
+
+    def ack_age(self) -> float:
+        """Seconds since Kafka last acknowledged a candle: how stale the topic is."""
+        return time.monotonic() - self.last_ack_at
+
+    def snapshot(self) -> StatsSnapshot:
+        """A copy of every value at one instant. Call it on the Trio thread: the Counters gain
+        keys there, and iterating one from another thread meanwhile can fail."""
+        return StatsSnapshot(
+            frames_received=self.frames_received,
+            candles_received=self.candles_received,
+            candles_published=self.candles_published,
+            candles_backfilled=self.candles_backfilled,
+            candles_acknowledged=self.candles_acknowledged,
+            duplicates_dropped=self.duplicates_dropped,
+            updates_shed=self.updates_shed,
+            control_ignored=self.control_ignored,
+            malformed=dict(self.malformed),
+            reconnects=dict(self.reconnects),
+            candles_lost=self.candles_lost,
+            holes=self.holes,
+            symbols_dropped=self.symbols_dropped,
+            pending_dropped=self.pending_dropped,
+            held_evicted=self.held_evicted,
+            fills_started=self.fills_started,
+            history_connections=self.history_connections,
+            history_errors=dict(self.history_errors),
+            frame_age=self.frame_age(),
+            alive_age=self.alive_age(),
+            ack_age=self.ack_age(),
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StatsSnapshot:
+    """`Stats` frozen at one instant, ages already computed."""
+
+    frames_received: int
+    candles_received: int
+    candles_published: int
+    candles_backfilled: int
+    candles_acknowledged: int
+    duplicates_dropped: int
+    updates_shed: int
+    control_ignored: int
+    malformed: dict[str, int]
+    reconnects: dict[str, int]
+    candles_lost: int
+    holes: int
+    symbols_dropped: int
+    pending_dropped: int
+    held_evicted: int
+    fills_started: int
+    history_connections: int
+    history_errors: dict[str, int]
+    frame_age: float
+    alive_age: float
+    ack_age: float

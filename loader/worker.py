@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -66,15 +67,17 @@ class Worker:
         self.sink: KafkaSink | None = None
         self.metrics: Metrics | None = None
         self.scope = trio.CancelScope()
-        # (status, reason, final) of the first stop asked for.
-        self.stopped: tuple[Status, str, bool] | None = None
+        # (status, reason, final, exit code) of the first stop asked for.
+        self.stopped: tuple[Status, str, bool, int] | None = None
         self.outcome: Outcome | None = None
         # The bound port when METRICS_PORT is set (0 there picks a free one).
         self.metrics_port: int | None = None
+        self.source: Source | None = None
         self._stop_at: float | None = None  # trio time the stop was asked for
         self._bootstrap: trio.CancelScope | None = None
         self._progress = trio.Event()
         self._done = trio.Event()
+        self._stop_requested = trio.Event()
 
     @property
     def records_written(self) -> int:
@@ -82,13 +85,30 @@ class Worker:
         return self.stats.candles_acknowledged
 
     def stop(self, reason: str = "stopped", status: Status = "interrupted", *,
-             final: bool = True) -> None:  # fmt: skip
-        """End the run gracefully: the reader stops now, what was received is delivered, and
-        the terminal event says `reason`. `final=False` when something will start the work
-        again (a signal from Kubernetes: the Job retries)."""
+             final: bool = True, exit_code: int = 0) -> None:  # fmt: skip
+        """End the run gracefully: fills in progress finish (bounded), then the reader stops,
+        what was received is delivered, and the terminal event says `reason`. `final=False`
+        when something will start the work again (a signal from Kubernetes, exit 143: the
+        Job retries)."""
         if self.stopped is None:
-            self.stopped = (status, reason, final)
+            self.stopped = (status, reason, final, exit_code)
         self.shutdown_deadline()
+        filling = self.source is not None and self.source.backfiller.active > 0
+        if filling and not self._stop_requested.is_set():
+            self._stop_requested.set()  # `_stop_after_fills` cancels once they are done
+            return
+        self._cancel()
+
+    async def _stop_after_fills(self) -> None:
+        await self._stop_requested.wait()
+        if self.source is not None:
+            # A share of the shutdown budget: delivery and the terminal event need the rest.
+            left = self.shutdown_deadline() - trio.current_time()
+            with trio.move_on_after(min(self.settings.stop_grace / 2, left / 3)):
+                await self.source.backfiller.idle()
+        self._cancel()
+
+    def _cancel(self) -> None:
         self.scope.cancel()
         if self._bootstrap is not None:
             # A stop while Kafka is still being reached waits for it, within the budget, so the
@@ -146,7 +166,11 @@ async def run(
     worker = worker or Worker(settings)
     producer = await _bootstrap(worker)
     candles_in, candles_out = trio.open_memory_channel[Candle](settings.channel_size)
-    worker.metrics = Metrics(worker.stats, lambda: candles_out.statistics().current_buffer_used)
+    worker.metrics = Metrics(
+        worker.stats,
+        lambda: candles_out.statistics().current_buffer_used,
+        intervals=settings.intervals,
+    )
     sink = worker.sink = KafkaSink(
         producer, settings.kafka_topic, worker.stats, worker.metrics.delivery_latency.observe,
         on_acknowledged=worker.wake,
@@ -220,14 +244,28 @@ async def _run(
                                 health_timeout=settings.health_timeout)
                     )  # fmt: skip
                 await nursery.start(sink.run, candles_out)
+                nursery.start_soon(worker._stop_after_fills)
                 await nursery.start(watch_control, settings, worker.stop, worker.stats)
-                resume = await trio.to_thread.run_sync(resume_points, settings)
-                source = Source(settings, candles_in, worker.stats, resume=resume)
+                stop_reading = threading.Event()
+                try:
+                    resume = await trio.to_thread.run_sync(
+                        resume_points, settings, stop_reading, abandon_on_cancel=True
+                    )
+                finally:
+                    stop_reading.set()  # a stop during the scan ends the thread's reading too
+                notices_in, notices_out = trio.open_memory_channel[str](64)
+                source = Source(
+                    settings, candles_in, worker.stats, resume=resume,
+                    on_hole=lambda message: _offer(notices_in, f"hole: {message}"),
+                    on_notice=lambda message: _offer(notices_in, message),
+                )  # fmt: skip
                 await nursery.start(source.run)
+                worker.source = source
                 log.info("streaming %s", _streams(settings))
                 nursery.start_soon(telemetry.report_progress, worker.progress)
+                nursery.start_soon(_report, telemetry, notices_out)
                 if settings.stop_at is not None:
-                    nursery.start_soon(_stop_at, worker, settings.stop_at)
+                    nursery.start_soon(_stop_at, worker, source, settings.stop_at)
                 started()
     except Exception as exc:
         failure = _first_failure(exc)
@@ -266,12 +304,23 @@ def _outcome(worker: Worker, failure: BaseException | None) -> Outcome:
     if failure is not None:
         code = failure.exit_code if isinstance(failure, FatalError) else 1
         final = code != 1
-        then = "retrying cannot help" if final else "not final: the Job will retry"
-        message = f"failed after {written} candles: {describe(failure)}; {then} (exit {code})"
+        message = f"failed after {written} candles: {describe(failure)}{_then(final, code)}"
         return Outcome("error", message, written, code, final)
-    status, reason, final = worker.stopped or ("interrupted", "cancelled by the caller", True)
-    then = "" if final else "; not final: the Job will retry and resume from the topic"
-    return Outcome(status, f"{reason}; {written} candles written{then}", written, 0, final)
+    status, reason, final, code = worker.stopped or (
+        "interrupted",
+        "cancelled by the caller",
+        True,
+        0,
+    )
+    message = f"{reason}; {written} candles written{_then(final, code)}"
+    return Outcome(status, message, written, code, final)
+
+
+def _then(final: bool, code: int) -> str:
+    """What the terminal message ends with: whether, and how, the work goes on."""
+    if not final:
+        return f"; exit {code}: the Job will retry, resuming from the topic"
+    return f"; exit {code}: retrying cannot help" if code else ""
 
 
 def _first_failure(exc: BaseException) -> BaseException:
@@ -287,6 +336,35 @@ def _streams(settings: Settings) -> str:
     return f"{shown} into {settings.kafka_topic}"
 
 
-async def _stop_at(worker: Worker, stop_at: float) -> None:
-    await trio.sleep(max(0.0, stop_at - time.time()))
+def _offer(channel: trio.MemorySendChannel[str], message: str) -> None:
+    # What is offered is logged and counted already; telemetry of a flood of it may be shed.
+    try:
+        channel.send_nowait(message)
+    except trio.WouldBlock:
+        log.warning("not reported in telemetry (too many at once): %s", message)
+
+
+async def _report(telemetry: Telemetry, notices: trio.MemoryReceiveChannel[str]) -> None:
+    """Holes and dropped symbols, each as a `loading` event the queue manager sees."""
+    async for message in notices:
+        await telemetry.send("loading", message)
+
+
+async def _stop_at(worker: Worker, source: Source, stop_at: float) -> None:
+    """`finished` means every candle closing at or before STOP_AT is in Kafka: once the
+    moment has come (by our clock or by Binance's, whichever says so first), wait, bounded,
+    for the last candles to close and for any fill, then stop."""
+    stop_ms = int(stop_at * 1000)
+    with trio.move_on_at(trio.current_time() + max(0.0, stop_at - time.time())):
+        await source.router.wait_event_time(stop_ms)
+    short = await source.complete_until(stop_ms, worker.settings.stop_grace)
+    if short:
+        names = ", ".join(f"{s} {i}" for s, i in short[:5])
+        worker.stop(
+            f"reached STOP_AT, but {len(short)} stream(s) lack candles closing before it ({names})",
+            status="error",
+            final=False,
+            exit_code=1,
+        )
+        return
     worker.stop("reached STOP_AT", status="finished")

@@ -6,6 +6,7 @@ ends the run within the shutdown budget.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from kafka.admin import NewTopic
 from kafka_broker import KafkaBroker
 from timing import scaled
 from worker_tools import (
+    candles,
     contract,
     env_without_kafka_vars,
     produce,
@@ -36,6 +38,8 @@ from worker_tools import (
     worker_settings,
 )
 
+from loader import Worker, run
+from loader.intervals import candle_open
 from loader.testing import EmulatorConfig, open_emulator
 
 pytestmark = pytest.mark.anyio
@@ -173,5 +177,107 @@ async def test_sigterm_while_streaming_is_not_final(kafka: KafkaBroker) -> None:
     events = telemetry(await read_topic(kafka, f"{topic}-events"))
     assert terminal(events, code) == row("SIGTERM")
     assert re.search(
-        r"stopped by SIGTERM; \d+ candles written; not final", str(events[-1]["message"])
+        r"stopped by SIGTERM; \d+ candles written; exit 143: the Job will retry",
+        str(events[-1]["message"]),
     )
+
+
+class LogEvent(logging.Handler):
+    """Sets a Trio event when a record whose message starts with `prefix` is logged (from
+    any thread), and remembers every message."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(logging.INFO)
+        self.prefix = prefix
+        self.seen = trio.Event()
+        self.messages: list[str] = []
+        self._token = trio.lowlevel.current_trio_token()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self.messages.append(message)
+        if message.startswith(self.prefix):
+            self._token.run_sync_soon(self.seen.set)
+
+
+@asynccontextmanager
+async def logged(logger: str, prefix: str) -> AsyncIterator[LogEvent]:
+    handler = LogEvent(prefix)
+    target = logging.getLogger(logger)
+    level = target.level
+    target.addHandler(handler)
+    target.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        target.removeHandler(handler)
+        target.setLevel(level)
+
+
+def sigterm(worker: Worker) -> None:
+    """What loader.cli does on SIGTERM."""
+    worker.stop("stopped by SIGTERM", final=False, exit_code=143)
+
+
+async def test_sigterm_during_resume_ends_within_the_budget(kafka: KafkaBroker) -> None:
+    """The topic holds 100,000 records of other streams, all within the window, so the resume
+    scan reads them all: a stop meanwhile ends the scan and the run within the budget, with
+    `started` and one terminal event."""
+    topic = await trio.to_thread.run_sync(kafka.new_topic, "contract-sigterm-resume")
+    noise = [b'{"open_time":%d,"symbol":"OTHER","interval":"1m"}' % i for i in range(100_000)]
+    await trio.to_thread.run_sync(lambda: produce(kafka, topic, noise, key=b"OTHERUSDT-1m"))
+    async with open_emulator(FAST) as emulator:
+        settings = worker_settings(kafka, emulator, topic, TERMINATION_GRACE_PERIOD=str(GRACE))
+        async with logged("loader.resume", "reading ") as resume, trio.open_nursery() as nursery:
+            worker = Worker(settings)
+            nursery.start_soon(partial(run, settings, worker=worker))
+            with trio.fail_after(scaled(60)):
+                await resume.seen.wait()
+            sigterm(worker)
+            stopped = trio.current_time()
+            outcome = await worker.finished()
+            elapsed = trio.current_time() - stopped
+    assert not any(m.startswith("resuming ") for m in resume.messages), "the scan had ended"
+    events = telemetry(await read_topic(kafka, settings.queue_events_topic))
+    assert [e["status"] for e in events] == ["started", "interrupted"]
+    assert terminal(events, outcome.exit_code) == row("SIGTERM")
+    assert elapsed < settings.shutdown_budget, f"{elapsed:.1f} s from the stop to the end"
+
+
+async def test_sigterm_during_a_backfill_ends_within_the_budget(kafka: KafkaBroker) -> None:
+    """A day missed on a 1s stream (86,400 candles, 87 pages of history): a stop while it is
+    being filled ends the run within the budget, with one terminal event, and what reached
+    Kafka is the stream's candles in order, without a gap or a repeat."""
+    topic = await trio.to_thread.run_sync(kafka.new_topic, "contract-sigterm-backfill")
+    clock = EmulatorConfig(speed=1e-6, seed=3, ping_interval=0.5, pong_timeout=2.0)
+    config = clock.replace(start_ms=candle_open("1s", int(time.time() * 1000)))
+    async with open_emulator(config) as emulator:
+        # A window of two days: the whole day is to be filled, none of it a hole.
+        settings = worker_settings(
+            kafka, emulator, topic, INTERVAL="1s", TERMINATION_GRACE_PERIOD=str(GRACE),
+            BACKFILL_WINDOW=str(2 * 86_400),
+        )  # fmt: skip
+        async with running_worker(settings) as worker:
+            await emulator.wait_connections(1)
+            emulator.advance_to(emulator.market.open_time("1s", 3) + 500)
+            await worker.wait_written(2)
+            emulator.stall()
+            emulator.advance_to(emulator.market.open_time("1s", 86_403) + 500)
+            emulator.drop()
+            await emulator.wait_for(lambda e: e.stream_handshakes >= 2)
+            emulator.advance(1_000)  # a frame of the new connection shows the gap
+            while worker.stats.candles_backfilled == 0:
+                await worker.wait_written(worker.records_written + 1)
+            sigterm(worker)
+            stopped = trio.current_time()
+            outcome = await worker.finished()
+            elapsed = trio.current_time() - stopped
+        published = candles(await read_topic(kafka, topic, expected=outcome.records_written))
+        truth = emulator.closed_klines("BTCUSDT", "1s")
+    assert worker.stats.candles_backfilled < 86_400, "the fill ended before the stop"
+    assert worker.stats.candles_lost == 0
+    opens = [c["open_time"] for c in published]
+    assert opens == [k.open_time for k in truth[: len(opens)]]
+    events = telemetry(await read_topic(kafka, settings.queue_events_topic))
+    assert terminal(events, outcome.exit_code) == row("SIGTERM")
+    assert elapsed < settings.shutdown_budget, f"{elapsed:.1f} s from the stop to the end"

@@ -268,3 +268,29 @@ async def test_killed_worker_resumes_from_the_topic(kafka: KafkaBroker) -> None:
     assert worker.stats.candles_backfilled >= 20
     print(f"\nfirst pod {first}, second pod {outcome.records_written} "
           f"(backfilled {worker.stats.candles_backfilled}), exact")  # fmt: skip
+
+
+async def test_an_unknown_symbol_is_dropped_and_the_others_go_on(kafka: KafkaBroker) -> None:
+    """Three symbols, one Binance does not know: it is dropped and reported (telemetry,
+    metric, log), the other two are delivered exactly, and the run goes on."""
+    topic = await _new_topic(kafka, "fault-one-unknown-symbol")
+    async with open_emulator(FAST) as emulator:
+        settings = worker_settings(
+            kafka, emulator, topic, SYMBOL="BTCUSDT,NOPEUSDT,ETHUSDT", STALL_TIMEOUT="0.5"
+        )
+        async with running_worker(settings) as worker:
+            while worker.stats.symbols_dropped == 0:
+                await worker.wait_written(worker.records_written + 1)
+            await worker.wait_written(worker.records_written + 10)
+            worker.stop()
+            outcome = await worker.finished()
+        published = candles(await read_topic(kafka, topic, expected=outcome.records_written))
+        for symbol in ("BTCUSDT", "ETHUSDT"):
+            assert_matches_market(published, emulator, symbol, "1m")
+    assert {c["symbol"] for c in published} == {"BTCUSDT", "ETHUSDT"}
+    assert (outcome.status, outcome.exit_code) == ("interrupted", 0)
+    assert worker.stats.symbols_dropped == 1
+    events = telemetry(await read_topic(kafka, settings.queue_events_topic))
+    dropped = [e for e in events if "dropped symbol NOPEUSDT" in str(e["message"])]
+    assert [e["status"] for e in dropped] == ["loading"]
+    assert terminal(events, outcome.exit_code) == row("stop command")

@@ -151,13 +151,14 @@ def test_sasl_ssl_rejects_a_wrong_password(
     # TLS was fine every time; it is the login that fails. kafka-python 3.0.12
     # drops a response that arrives in the same read as the broker's close, so
     # an attempt may log only "socket disconnected" instead of error 58 (on a
-    # busy machine, every attempt may); and the last attempt's request gets only
-    # what is left of the bootstrap timeout, so it may time out first.
+    # busy machine, every attempt may); and the last attempt gets only what is
+    # left of the bootstrap timeout, so it may time out first (seen: the request,
+    # or the SASL exchange as a whole).
     *earlier, last = failures
     for reason in earlier:
         assert reason.startswith((SASL_FAILED, "KafkaConnectionError: socket disconnected")), reason
-    assert last.startswith(
-        (SASL_FAILED, "KafkaConnectionError: socket disconnected", "[Error 7] RequestTimedOutError")
+    assert last.startswith((SASL_FAILED, "KafkaConnectionError: socket disconnected")) or (
+        "timed out" in last
     ), last
 
 
@@ -185,10 +186,13 @@ def test_sasl_ssl_rejects_an_unknown_ca(
         KafkaProducer(**config)
     failures = bootstrap_failures(caplog)
     assert failures
-    for reason in failures:
-        assert reason.startswith(
-            "KafkaConnectionError: Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED]"
-        ), reason
+    # Each attempt fails verifying the certificate; the last one may run out of the
+    # bootstrap timeout first, as in the wrong-password test.
+    *earlier, last = failures
+    verify_failed = "KafkaConnectionError: Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED]"
+    for reason in earlier:
+        assert reason.startswith(verify_failed), reason
+    assert last.startswith(verify_failed) or "timed out" in last, last
 
 
 def kafka_tool(name: str, *args: str, stdin: str | None = None) -> str:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import collections
+import itertools
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import ItemsView, Iterable, Iterator, KeysView
+from functools import partial
 
 import pytest
 import trio
 from kafka_broker import KafkaBroker
+from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 from worker_tools import running_worker, worker_settings
 
+from loader.metrics import Metrics, serve_metrics
+from loader.stats import Stats
 from loader.testing import EmulatorConfig, open_emulator
 
 pytestmark = pytest.mark.anyio
@@ -18,9 +27,9 @@ pytestmark = pytest.mark.anyio
 FAST = EmulatorConfig(speed=600, seed=3)
 
 
-def _get(port: int, path: str) -> tuple[int, str]:
+def _get(port: int, path: str, timeout: float = 5) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
@@ -65,6 +74,8 @@ async def test_metrics_count_what_the_worker_does(kafka: KafkaBroker) -> None:
     assert second["loader_kafka_delivery_seconds_count"] >= 1
     assert second["loader_last_frame_age_seconds"] < 5
     assert "loader_channel_depth" in second
+    assert second["loader_candles_lost_total"] == 0
+    assert second["loader_holes_total"] == 0
 
 
 async def test_healthz_fails_when_the_pipeline_stalls(kafka: KafkaBroker) -> None:
@@ -87,3 +98,137 @@ async def test_healthz_fails_when_the_pipeline_stalls(kafka: KafkaBroker) -> Non
             await worker.finished()
     assert health[0] == 503
     assert "no frame from Binance" in health[1]
+
+
+class _WatchedCounter(collections.Counter[str]):
+    """Notes the thread of every iteration: only the Trio thread may walk a growing Counter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.iterated_from: set[int] = set()
+
+    def __iter__(self) -> Iterator[str]:
+        self.iterated_from.add(threading.get_ident())
+        return super().__iter__()
+
+    def keys(self) -> KeysView[str]:  # type: ignore[override]  # dict's is a private type
+        self.iterated_from.add(threading.get_ident())
+        return super().keys()
+
+    def items(self) -> ItemsView[str, int]:  # type: ignore[override]  # as keys()
+        self.iterated_from.add(threading.get_ident())
+        return super().items()
+
+
+async def test_scrapes_copy_counters_on_the_trio_thread_while_they_grow() -> None:
+    malformed, reconnects = _WatchedCounter(), _WatchedCounter()
+    stats = Stats(malformed=malformed, reconnects=reconnects)
+    metrics = Metrics(stats, lambda: 0)
+    scrapes = 100
+    texts: list[str] = []
+
+    def hammer(port: int) -> None:
+        for _ in range(scrapes):
+            status, text = _get(port, "/metrics")
+            assert status == 200, text
+            texts.append(text)
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(serve_metrics, metrics, 0, host="127.0.0.1"))
+        done = trio.Event()
+
+        async def grow() -> None:
+            for i in itertools.count():
+                if done.is_set():
+                    return
+                # New keys all along (a bounded number, so scrapes stay small).
+                malformed[f"kind{i % 2000}"] += 1
+                reconnects[f"reason{i % 50}"] += 1
+                await trio.sleep(0.0001)
+
+        nursery.start_soon(grow)
+        await trio.to_thread.run_sync(hammer, port)
+        done.set()
+        nursery.cancel_scope.cancel()
+    assert len(texts) == scrapes
+    last = samples(texts[-1])
+    assert sum(v for k, v in last.items() if k.startswith("loader_malformed_frames_total")) > 0
+    trio_thread = threading.get_ident()
+    assert malformed.iterated_from == {trio_thread}
+    assert reconnects.iterated_from == {trio_thread}
+
+
+class _SlowCollector(Collector):
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # else registering it would call collect()
+
+    def collect(self) -> Iterable[Metric]:
+        self.entered.set()
+        self.release.wait(timeout=30)
+        return []
+
+
+async def test_a_slow_scrape_does_not_hold_up_healthz() -> None:
+    metrics = Metrics(Stats(), lambda: 0)
+    slow = _SlowCollector()
+    metrics.registry.register(slow)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(serve_metrics, metrics, 0, host="127.0.0.1"))
+        scraped: list[int] = []
+        scrape_done = trio.Event()
+
+        async def scrape() -> None:
+            scraped.append((await get(port, "/metrics"))[0])
+            scrape_done.set()
+
+        nursery.start_soon(scrape)
+        await trio.to_thread.run_sync(slow.entered.wait)
+        try:
+            # One server thread would leave this request queued behind the stuck scrape.
+            with trio.fail_after(6):  # the stuck scrape would hold it for 30 s
+                health = await trio.to_thread.run_sync(
+                    partial(_get, port, "/healthz", timeout=5), abandon_on_cancel=True
+                )
+        finally:
+            slow.release.set()
+        assert health == (200, "ok\n")
+        await scrape_done.wait()
+        nursery.cancel_scope.cancel()
+    assert scraped == [200]
+
+
+async def test_a_quiet_stream_keeps_healthz_up_while_pings_are_answered(
+    kafka: KafkaBroker,
+) -> None:
+    """A symbol that does not trade sends nothing; the connection answering our pings is
+    alive, and so is the pod. Three HEALTH_TIMEOUTs of silence must not fail the probe."""
+    topic = await trio.to_thread.run_sync(kafka.new_topic, "quiet")
+    # 2000 market ms between frames at this speed: minutes of real silence.
+    quiet = EmulatorConfig(speed=0.001, seed=3)
+    health_timeout = 2.0
+    async with open_emulator(quiet) as emulator:
+        settings = worker_settings(
+            kafka, emulator, topic, METRICS_PORT="0", HEALTH_TIMEOUT=str(health_timeout),
+            STALL_TIMEOUT="0.5",
+        )  # fmt: skip
+        async with running_worker(settings) as worker:
+            assert worker.metrics_port
+            statuses: list[tuple[int, str]] = []
+            deadline = trio.current_time() + 3.5 * health_timeout
+            while trio.current_time() < deadline:  # the duration is what is tested
+                statuses.append(await get(worker.metrics_port, "/healthz"))
+                await trio.sleep(0.1)
+            final = samples((await get(worker.metrics_port, "/metrics"))[1])
+            worker.stop()
+            await worker.finished()
+    assert final["loader_last_frame_age_seconds"] > 3 * health_timeout, "the stream was not quiet"
+    assert final["loader_last_alive_age_seconds"] < health_timeout
+    assert "loader_reconnects_total{reason=stalled}" not in final
+    assert final["loader_last_candle_age_seconds"] > 3 * health_timeout
+    assert final["loader_shortest_interval_seconds"] == 60
+    assert statuses, "the probe was never asked"
+    assert {status for status, _ in statuses} == {200}, statuses

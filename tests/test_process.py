@@ -50,6 +50,9 @@ async def test_signal_stops_gracefully(kafka: KafkaBroker, signum: int, code: in
     events = telemetry(await read_topic(kafka, f"{topic}-events"))
     assert terminal(events, code) == row(name)
     assert f"stopped by {name}" in events[-1]["message"]
+    # Not final: the Job starts a new pod, which resumes from the topic.
+    assert events[-1]["finished"] is False
+    assert f"exit {code}: the Job will retry" in events[-1]["message"]
     written = await read_topic(kafka, topic)
     assert events[-1]["records_written"] == len(written)
     text = output.decode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -87,6 +88,9 @@ class EmulatorConfig:
     replay_speed: float | None = 1.0
     #: Faults the emulator injects by itself (the process's ``--fault``).
     faults: tuple[ScheduledFault, ...] = field(default=())
+    #: Serve ``wss://`` with this server context (certificate chain loaded); ``None``: ``ws://``.
+    #: Clients must trust its CA: one they do not is how a TLS failure is tested.
+    ssl_context: ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
         if self.speed <= 0:

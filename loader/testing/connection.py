@@ -160,7 +160,9 @@ class Hub:
 class Connection:
     """Serves one accepted TCP connection until either side ends it."""
 
-    def __init__(self, hub: Hub, stream: trio.SocketStream) -> None:
+    def __init__(
+        self, hub: Hub, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+    ) -> None:
         self.hub = hub
         self.config = hub.config
         self.id = hub.next_id()
@@ -170,9 +172,11 @@ class Connection:
         self.micros = False
         self.session: ApiSession | None = None
         self._stream = stream
+        # Over wss the socket is under the TLS stream.
+        transport = getattr(stream, "transport_stream", stream)
         try:
-            self.ip = str(stream.socket.getpeername()[0])
-        except OSError:
+            self.ip = str(transport.socket.getpeername()[0])
+        except (OSError, AttributeError):
             self.ip = "unknown"
         self._ws = WSConnection(ConnectionType.SERVER)
         self._subs: dict[str, StreamKey | None] = {}
@@ -244,9 +248,10 @@ class Connection:
                 self.hub.changed.notify()
             if self._reset:
                 # SO_LINGER with a zero timeout turns close() into a TCP reset.
-                self._stream.socket.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                )
+                tcp = self._stream
+                if isinstance(tcp, trio.SSLStream):
+                    tcp = tcp.transport_stream
+                tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             await trio.aclose_forcefully(self._stream)
 
     def _terminate(self) -> None:
@@ -262,7 +267,7 @@ class Connection:
                 if not data:
                     return False
                 try:
-                    self._ws.receive_data(data)
+                    self._ws.receive_data(bytes(data))
                 except RemoteProtocolError as exc:
                     hint = exc.event_hint
                     await self._reject(hint if isinstance(hint, RejectConnection) else None)
@@ -472,7 +477,7 @@ class Connection:
             if ws.state is ConnectionState.CLOSED:
                 continue
             try:
-                ws.receive_data(data)
+                ws.receive_data(bytes(data))
                 for event in ws.events():
                     self._on_event(event, parts)
             except (RemoteProtocolError, LocalProtocolError):

@@ -21,6 +21,9 @@ from loader.testing import wire
 from loader.testing.market import Kline, Market
 from loader.testing.streams import StreamKey, stream_name
 
+# Catching up more market time than this is a clock jump (`advance`), published condensed.
+_JUMP_MS = 256_000
+
 __all__ = [
     "ClockPublisher",
     "FirehoseConfig",
@@ -85,6 +88,12 @@ class MarketClock:
     def deadline(self, market_ms: int) -> float:
         """The Trio clock time at which the market reaches ``market_ms``."""
         return self._t0 + (market_ms - self.start_ms) / (1000.0 * self.speed)
+
+    def advance(self, market_ms: int) -> None:
+        """Jump ``market_ms`` ahead at once (never back): weeks and months in a test."""
+        if market_ms < 0:
+            raise ValueError("the market clock does not go back")
+        self._t0 -= market_ms / (1000.0 * self.speed)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -261,10 +270,20 @@ class ClockPublisher(_Publisher):
         return phase
 
     def add(self, key: StreamKey, conn: Subscriber) -> None:
+        if not self.subs:
+            # Nobody missed the instants that passed while idle; those after this first
+            # subscription are due, even if this task runs only after the clock moved on.
+            self._cursor = self._due_now()
         if key not in self.subs:
             due = self._due_1s if key[1] == "1s" else self._due_2s
             due.setdefault(self.phase(key), {})[key] = None
         super().add(key, conn)
+
+    def advance(self, market_ms: int) -> None:
+        """Jump the market clock; the instants skipped are published at once, condensed
+        (every closing frame, then the latest update of each series)."""
+        self.clock.advance(market_ms)
+        self.subscriptions_changed.notify()
 
     def remove(self, key: StreamKey, conn: Subscriber) -> None:
         super().remove(key, conn)
@@ -316,8 +335,6 @@ class ClockPublisher(_Publisher):
                 self._cursor = self._due_now()
                 self.progress.notify()
                 await self.subscriptions_changed.wait()
-                # Nobody missed the instants that passed while idle.
-                self._cursor = self._due_now()
                 continue
             nxt = self._next_due()
             with trio.move_on_at(self.clock.deadline(nxt + self.lag)) as scope:
@@ -326,6 +343,13 @@ class ClockPublisher(_Publisher):
                 continue  # the subscriptions changed: the next due instant may have too
             # The deadline has passed, so ``nxt`` is due even if float rounding says not.
             upto = max(self._due_now(), nxt)
+            if upto - nxt > _JUMP_MS:
+                # A clock jump: closing frames are what matters, and there may be millions
+                # of skipped update instants.
+                self._publish_jump(nxt, upto)
+                self._cursor = upto
+                self.progress.notify()
+                continue
             done = 0
             for t in range(nxt, upto + 1, grain):
                 done += self._publish(t)
@@ -336,6 +360,31 @@ class ClockPublisher(_Publisher):
                     self.progress.notify()
                     await trio.lowlevel.checkpoint()
             self.progress.notify()
+
+    def _publish_jump(self, first: int, last: int) -> None:
+        """Every closing frame due in ``[first, last]``, then each series' latest update."""
+        market = self.market
+        for key, conns in list(self.subs.items()):
+            symbol, interval = key
+            phase = self.phase(key)
+            low, high = first - phase, last - phase  # as-of instants of this series
+            window = market.windows.get(symbol)
+            listed, delisted = window if window is not None else (-(1 << 62), 1 << 62)
+            index = max(1, market.index_at(interval, low))
+            if market.open_time(interval, index) < low:
+                index += 1
+            while (opened := market.open_time(interval, index)) <= high:
+                if listed < opened <= delisted:
+                    kline = market.kline(symbol, interval, index - 1)
+                    self._fan_out(key, opened + phase + self.lag, kline, conns)
+                index += 1
+            period = iv.update_period_ms(interval)
+            a = high // period * period
+            index = market.index_at(interval, a)
+            opened = market.open_time(interval, index)
+            if self.updates and a >= low and index >= 0 and a != opened and listed < a <= delisted:
+                kline = market.kline(symbol, interval, index, a - opened)
+                self._fan_out(key, a + phase + self.lag, kline, conns)
 
     def _next_due(self) -> int:
         """The first instant after the cursor at which some series is due."""

@@ -39,8 +39,9 @@ class Emulator:
         self._hub = hub
         self.host = host
         self.port = port
-        self.url = f"ws://{host}:{port}"
-        """Base URL, e.g. ``ws://127.0.0.1:40123``."""
+        scheme = "ws" if config.ssl_context is None else "wss"
+        self.url = f"{scheme}://{host}:{port}"
+        """Base URL, e.g. ``ws://127.0.0.1:40123`` (``wss://`` with ``config.ssl_context``)."""
 
     # -- addresses ------------------------------------------------------------------------
 
@@ -72,6 +73,19 @@ class Emulator:
     def market_time_ms(self) -> int:
         """Market time now (wall-clock time in firehose mode)."""
         return self._hub.publisher.now_ms()
+
+    def advance(self, market_ms: int) -> None:
+        """Jump the market clock ``market_ms`` ahead (not in firehose mode): the candles
+        that close meanwhile are published at once, so tests of weekly and monthly candles
+        take seconds. Connection timers (pings, lifetimes) are real time and do not jump."""
+        publisher = self._hub.publisher
+        if not isinstance(publisher, ClockPublisher):
+            raise RuntimeError("advance() needs the market clock (not firehose mode)")
+        publisher.advance(market_ms)
+
+    def advance_to(self, market_ms: int) -> None:
+        """Jump the market clock to ``market_ms`` (no-op if it is there already)."""
+        self.advance(max(0, market_ms - self.market_time_ms()))
 
     def _key(self, symbol: str, interval: str) -> tuple[str, str]:
         if not self.market.has_symbol(symbol):
@@ -327,7 +341,14 @@ async def serve_emulator(
     emulator = Emulator(config, hub, host, port)
 
     async def handle(stream: trio.SocketStream) -> None:
-        await Connection(hub, stream).run()
+        if config.ssl_context is None:
+            await Connection(hub, stream).run()
+        else:
+            # The TLS handshake runs on the first read, inside the WebSocket handshake's
+            # timeout; a client that rejects the certificate is a client that went away.
+            await Connection(
+                hub, trio.SSLStream(stream, config.ssl_context, server_side=True)
+            ).run()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(publisher.run)

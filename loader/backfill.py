@@ -1,0 +1,128 @@
+"""The backfiller: fills each stream's gap from history, off the reader's path.
+
+A fill fetches one page at a time and publishes it before asking for the next, so memory is
+one page whatever the gap; then it releases the live candles the guard held meanwhile, in
+order, and fills any gap found among them. Fills of different streams run side by side over
+the one history connection; each page has its own timeout and its own retries.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+import trio
+
+from loader.backoff import Backoff
+from loader.binance import Kline, stream_name
+from loader.errors import FatalError
+from loader.guard import Gap
+from loader.history import PAGE, HistoryClient, HistoryError, HistoryUnavailable
+from loader.intervals import next_open
+from loader.router import Guard, Router, Stream
+from loader.stats import Stats
+
+log = logging.getLogger(__name__)
+
+# Fills in flight at once: enough to keep the history connection busy, few enough that
+# pages (one each) stay small in memory.
+CONCURRENT_FILLS: Final = 16
+# A page that cannot be had after this many tries (about five minutes with backoff) ends the
+# run: the Job's retry resumes from the topic and fills the gap then.
+PAGE_ATTEMPTS: Final = 12
+
+
+class Backfiller:
+    def __init__(self, router: Router, history: HistoryClient, stats: Stats) -> None:
+        self.router = router
+        self.history = history
+        self.stats = stats
+        self.active = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._slots = trio.Semaphore(CONCURRENT_FILLS)
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.router.fill = self.start
+            task_status.started()
+            await trio.sleep_forever()
+
+    def start(self, stream: Stream, guard: Guard, gap: Gap) -> None:
+        assert self._nursery is not None
+        if self.active == 0:
+            self._idle = trio.Event()
+        self.active += 1
+        self._nursery.start_soon(self._fill, stream, guard, gap)
+
+    async def idle(self) -> None:
+        """Return once no fill is in progress."""
+        await self._idle.wait()
+
+    async def _fill(self, stream: Stream, guard: Guard, first: Gap) -> None:
+        try:
+            gap: Gap | None = first
+            while gap is not None:
+                async with self._slots:
+                    await self._fetch(stream, guard, gap)
+                lacking = guard.finish_fill(gap.end)
+                if lacking:
+                    self.router.hole(stream, gap.end, gap.end, lacking, "history lacks")
+                gap = await self._release(stream, guard)
+        finally:
+            self.active -= 1
+            if self.active == 0:
+                self._idle.set()
+
+    async def _fetch(self, stream: Stream, guard: Guard, gap: Gap) -> None:
+        symbol, interval = stream
+        fields = {"stream": stream_name(symbol, interval), "gap_start": gap.start,
+                  "gap_end": gap.end}  # fmt: skip
+        cursor, filled = gap.start, 0
+        while cursor < gap.end:
+            page = await self._page(symbol, interval, cursor, gap.end - 1)
+            if not page:
+                break
+            for kline in page:
+                await self.router.publish_filled(stream, guard, kline)
+            filled += len(page)
+            cursor = next_open(interval, page[-1].open_time)
+        log.info("backfilled %d closed candles", filled, extra=fields)
+
+    async def _page(self, symbol: str, interval: str, start: int, end: int) -> list[Kline]:
+        backoff = Backoff(base=1.0, cap=30.0)
+        for attempt in range(1, PAGE_ATTEMPTS + 1):
+            try:
+                return await self.history.klines(symbol, interval, start, end, PAGE)
+            except HistoryError as exc:
+                raise FatalError(f"cannot backfill {symbol} {interval}: {exc}") from exc
+            except HistoryUnavailable as exc:
+                if attempt == PAGE_ATTEMPTS:
+                    raise FatalError(f"cannot backfill {symbol} {interval}: {exc}") from exc
+                delay = backoff.failed()
+                log.warning("backfill of %s %s failed (%s); retrying in %.1f s",
+                            symbol, interval, exc, delay)  # fmt: skip
+                await trio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _release(self, stream: Stream, guard: Guard) -> Gap | None:
+        """Publish what the reader held during the fill; a gap among it is the next fill."""
+        while True:
+            step = guard.release(self.router.latest_event_ms)
+            if step is None:
+                return None
+            if isinstance(step, Gap):
+                if step.lost:
+                    self.router.hole(stream, step.first_missing, step.start, step.lost,
+                                     "beyond BACKFILL_WINDOW")  # fmt: skip
+                if step.fetch:
+                    self.stats.fills_started += 1
+                    return step
+                continue
+            verdict, _, event = step
+            if verdict == "publish":
+                await self.router.publish(guard, event.kline)
+            else:
+                self.stats.duplicates_dropped += 1

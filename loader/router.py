@@ -1,0 +1,185 @@
+"""Every candle on its way into the channel: the stream's guard decides, gaps go to the
+backfiller, holes are counted and reported.
+
+The reader of the current connection calls `kline` for each frame; a fill calls
+`publish_filled` for each candle from history and then `release` for what the reader held
+meanwhile. Exactly one of them publishes a stream's closed candles at a time: while a fill is
+in progress the guard holds that stream's live candles, so each stream stays in order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from loader.binance import BadFrame, Kline, KlineEvent, stream_name, to_candle
+from loader.guard import Gap, StreamGuard
+from loader.intervals import count_between
+from loader.logs import ThrottledLog
+from loader.schema import Candle
+from loader.settings import Settings
+from loader.stats import Stats
+
+log = logging.getLogger(__name__)
+
+Stream = tuple[str, str]  # (SYMBOL, interval)
+Guard = StreamGuard[KlineEvent]
+# Live candles of one stream held while its gap is filled; past this the oldest are shed
+# (counted) and the gap they leave is filled in turn, so memory stays bounded.
+HELD_LIMIT = 1000
+NEVER = 2**62
+
+
+class Router:
+    def __init__(
+        self,
+        settings: Settings,
+        candles: trio.MemorySendChannel[Candle],
+        stats: Stats,
+        *,
+        resume: dict[Stream, int] | None = None,
+        on_hole: Callable[[str], object] = lambda _: None,
+    ) -> None:
+        self.settings = settings
+        self.candles = candles
+        self.stats = stats
+        self.on_hole = on_hole
+        resume = resume or {}
+        window_ms = int(settings.backfill_window * 1000)
+        self.guards: dict[Stream, Guard] = {
+            s: StreamGuard(s[1], window_ms, resume.get(s, -1), HELD_LIMIT) for s in settings.streams
+        }
+        self.all_candles = settings.all_candles
+        # The latest event time seen: Binance's clock, as far as we know it.
+        self.latest_event_ms = 0
+        self._watch_ms = NEVER
+        self._watch = trio.Event()
+        self.bad = ThrottledLog(log)
+        # Guards whose next candle is being sent, under backpressure, right now.
+        self.sending: set[Guard] = set()
+        # Set by the backfiller when it runs: starts the fill of one gap.
+        self.fill: Callable[[Stream, Guard, Gap], None] | None = None
+
+    def drop_symbol(self, symbol: str) -> int:
+        """Stop publishing `symbol`'s streams (Binance does not know it); how many there were.
+        Their frames, should any come, are skipped as unexpected."""
+        streams = [stream for stream in self.guards if stream[0] == symbol]
+        for stream in streams:
+            del self.guards[stream]
+        return len(streams)
+
+    async def kline(self, event: KlineEvent) -> None:
+        """One frame of the current connection (hot path)."""
+        k = event.kline
+        stream = (k.symbol, k.interval)
+        guard = self.guards.get(stream)
+        if guard is None:
+            self.skip("unexpected_stream", f"{k.symbol} {k.interval} was not asked for")
+            return
+        event_time = event.event_time
+        if event_time > self.latest_event_ms:
+            self.latest_event_ms = event_time
+            if event_time > self._watch_ms:
+                self._watch.set()
+        gap = guard.observe(k.open_time, event_time)
+        if gap is not None:
+            self.gap(stream, guard, gap)
+        if k.is_closed:
+            self.stats.candles_received += 1
+            verdict = guard.closed(k.open_time)
+            if verdict == "publish":
+                await self.publish(guard, k)
+            elif verdict == "hold":
+                evicted = guard.evicted
+                guard.hold(k.open_time, event_time, event)
+                self.stats.held_evicted += guard.evicted - evicted
+            else:
+                self.stats.duplicates_dropped += 1
+        elif self.all_candles:
+            self._update(guard, k, event_time)
+
+    def _update(self, guard: Guard, k: Kline, event_time: int) -> None:
+        if not guard.update(k.open_time, event_time):
+            if not guard.filling:
+                self.stats.duplicates_dropped += 1
+            return
+        try:
+            candle = to_candle(k, with_state=True)
+        except BadFrame as bad:
+            self.skip(bad.kind, str(bad))
+            return
+        # An update is superseded by the next one: under backpressure it is shed, so the
+        # reader keeps reading and trio-websocket keeps answering pings.
+        try:
+            self.candles.send_nowait(candle)
+        except trio.WouldBlock:
+            self.stats.updates_shed += 1
+            return
+        guard.update_published(event_time)
+        self.stats.candles_published += 1
+
+    async def wait_event_time(self, ms: int) -> None:
+        """Return once a frame shows Binance's clock past `ms`."""
+        self._watch_ms = ms
+        if self.latest_event_ms <= ms:
+            await self._watch.wait()
+
+    async def publish(self, guard: Guard, k: Kline) -> bool:
+        """Send a closed candle the guard admitted; the guard moves only once it is in the
+        channel, so a send cancelled by a rotation leaves it to the next publisher."""
+        try:
+            candle = to_candle(k, with_state=self.all_candles)
+        except BadFrame as bad:
+            # Left out, the candle is a gap the stream's next frame reveals and history fills.
+            self.skip(bad.kind, str(bad))
+            return False
+        try:
+            self.candles.send_nowait(candle)  # the usual case: no trip through the scheduler
+        except trio.WouldBlock:
+            # While this waits, nothing else may fill from this candle on (see `sending`).
+            self.sending.add(guard)
+            try:
+                await self.candles.send(candle)
+            finally:
+                self.sending.discard(guard)
+        guard.published(k.open_time)
+        self.stats.candles_published += 1
+        return True
+
+    async def publish_filled(self, stream: Stream, guard: Guard, k: Kline) -> None:
+        """A closed candle from history, in a fill of this stream."""
+        if k.open_time < guard.next_open:
+            return
+        if k.open_time > guard.next_open:
+            missing = count_between(k.interval, guard.next_open, k.open_time)
+            self.hole(stream, guard.next_open, k.open_time, missing, "history lacks")
+        if await self.publish(guard, k):
+            self.stats.candles_backfilled += 1
+
+    def gap(self, stream: Stream, guard: Guard, gap: Gap) -> None:
+        if gap.lost:
+            self.hole(stream, gap.first_missing, gap.start, gap.lost, "beyond BACKFILL_WINDOW")
+        if gap.fetch:
+            if self.fill is None:
+                raise RuntimeError("a gap to fill, and no backfiller running")
+            self.stats.fills_started += 1
+            self.fill(stream, guard, gap)
+
+    def hole(self, stream: Stream, start: int, end: int, count: int, why: str) -> None:
+        """Candles that will never be published: never silent."""
+        if count <= 0:
+            return
+        self.stats.candles_lost += count
+        self.stats.holes += 1
+        name = stream_name(*stream)
+        message = (
+            f"{count} closed candles of {name} opening from {start} to before {end} lost ({why})"
+        )
+        log.error(message, extra={"stream": name, "gap_start": start, "gap_end": end})
+        self.on_hole(message)
+
+    def skip(self, kind: str, detail: str) -> None:
+        self.stats.malformed[kind] += 1
+        self.bad.warning(kind, f"skipped a frame: {detail}")
