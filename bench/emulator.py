@@ -12,6 +12,7 @@ EOF on stdin (the orchestrator going away) or SIGTERM ends it.
 
     python -m bench.emulator --synthetic 1000 --rate 5000 --record-send-times
     python -m bench.emulator --clock        # the market clock (Binance's pace), for idling
+    python -m bench.emulator --market 1500 --record-send-times   # the whole spot market
 """
 
 from __future__ import annotations
@@ -19,11 +20,18 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import time
 
 import msgspec
 import trio
 
-from loader.testing import DEFAULT_SYMBOLS, EmulatorConfig, FirehoseConfig, serve_emulator
+from loader.testing import (
+    DEFAULT_SYMBOLS,
+    EmulatorConfig,
+    FirehoseConfig,
+    market_symbols,
+    serve_emulator,
+)
 from loader.testing.server import Emulator
 
 
@@ -38,10 +46,25 @@ def _args() -> argparse.Namespace:
     p.add_argument("--close-ratio", type=float, default=1.0, help="share of closing frames")
     p.add_argument("--record-send-times", action="store_true", help="keep send_times")
     p.add_argument("--clock", action="store_true", help="market clock (speed 1), no firehose")
+    p.add_argument(
+        "--market",
+        type=int,
+        default=0,
+        metavar="N",
+        help="market mode: N mixed-quote symbols at Binance's cadence (speed 1, spread)",
+    )
     return p.parse_args()
 
 
 def _config(args: argparse.Namespace) -> EmulatorConfig:
+    if args.market:
+        return EmulatorConfig(
+            symbols=market_symbols(args.market),
+            # Market time is the wall clock from the first instant (not floored), so `E` too.
+            start_ms=time.time_ns() // 1_000_000,
+            spread_updates=True,
+            record_send_times=args.record_send_times,
+        )
     if args.clock:
         return EmulatorConfig(symbols=DEFAULT_SYMBOLS)
     return EmulatorConfig(

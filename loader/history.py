@@ -25,6 +25,7 @@ import trio_websocket
 from loader.backoff import Backoff
 from loader.binance import Kline
 from loader.errors import FatalError
+from loader.shards import SymbolInfo
 from loader.stats import Stats
 from loader.tls import TlsWatch
 
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 PAGE: Final = 1000  # the API's own maximum per request
 TIMEOUT: Final = 10.0  # seconds for one request's reply (and for a handshake)
 KLINES_WEIGHT: Final = 2
+EXCHANGE_INFO_WEIGHT: Final = 20
+# exchangeInfo of the whole spot market is megabytes (klines pages are far less).
+MAX_REPLY: Final = 32 * 1024 * 1024
 # Binance allows 6,000 a minute per IP; a margin stays free for a sibling process or a
 # miscount, since going over costs a 429 and, repeated, a ban (418).
 WEIGHT_PER_MINUTE: Final = 4800
@@ -68,11 +72,36 @@ class _Error(msgspec.Struct):
     data: _ErrorData | None = None
 
 
+class _SymbolInfo(msgspec.Struct):
+    symbol: str
+    status: str
+    quoteAsset: str  # noqa: N815 - Binance's name
+
+
+class _ExchangeInfo(msgspec.Struct):
+    serverTime: int  # noqa: N815 - Binance's name
+    symbols: list[_SymbolInfo]
+
+
 class _Reply(msgspec.Struct):
     id: str | int | None = None
     status: int = 200
     result: Any = None
     error: _Error | None = None
+
+
+class _ExchangeReply(msgspec.Struct):
+    """`exchangeInfo` read straight into the few fields used: the whole market's reply is
+    megabytes, and generic JSON objects of it would be many times that in memory."""
+
+    id: str | int | None = None
+    status: int = 200
+    result: _ExchangeInfo | None = None
+    error: _Error | None = None
+
+
+class _Id(msgspec.Struct):
+    id: str | int | None = None
 
 
 def row_to_kline(row: list[Any], symbol: str, interval: str) -> Kline:
@@ -137,8 +166,8 @@ class HistoryClient:
         self.timeout = timeout
         self.weight = _Weight(weight_per_minute)
         self._ids = itertools.count(1)
-        self._decode = msgspec.json.Decoder(_Reply).decode
-        self._waiting: dict[str, trio.MemorySendChannel[_Reply | None]] = {}
+        self._decode_id = msgspec.json.Decoder(_Id).decode
+        self._waiting: dict[str, trio.MemorySendChannel[str | bytes | None]] = {}
         self._ws: trio_websocket.WebSocketConnection | None = None
         self._changed = trio.Event()  # set (and replaced) when the connection comes or goes
         self._demand = 0  # requests in progress: a lost connection is reopened only for them
@@ -163,6 +192,7 @@ class HistoryClient:
                     ssl_context=self.tls.context,
                     connect_timeout=self.timeout,
                     disconnect_timeout=2,
+                    max_message_size=MAX_REPLY,
                 ) as ws:
                     self.stats.history_connections += 1
                     log.info("connected to the Binance WebSocket API")
@@ -187,7 +217,8 @@ class HistoryClient:
         while True:
             message = await ws.get_message()
             try:
-                reply = self._decode(message)
+                # Only the id here: the requester reads the reply into the type it expects.
+                reply = self._decode_id(message)
             except msgspec.DecodeError as exc:
                 # Without an id it answers nobody in particular: its request times out and
                 # is asked again.
@@ -196,18 +227,32 @@ class HistoryClient:
                 continue
             waiting = self._waiting.pop(str(reply.id), None)
             if waiting is not None:
-                waiting.send_nowait(reply)
+                waiting.send_nowait(message)
 
-    async def _request(self, method: str, params: dict[str, Any], weight: int) -> Any:
+    async def _request(
+        self,
+        method: str,
+        params: dict[str, Any],
+        weight: int,
+        kind: type = list,
+        reply_type: type[_Reply | _ExchangeReply] = _Reply,
+    ) -> Any:
         """Send one request and return its `result`; raise `HistoryError` for an error
         Binance means, `HistoryUnavailable` for anything worth asking again."""
         self._demand += 1
         try:
-            return await self._ask(method, params, weight)
+            return await self._ask(method, params, weight, kind, reply_type)
         finally:
             self._demand -= 1
 
-    async def _ask(self, method: str, params: dict[str, Any], weight: int) -> Any:
+    async def _ask(
+        self,
+        method: str,
+        params: dict[str, Any],
+        weight: int,
+        kind: type,
+        reply_type: type[_Reply | _ExchangeReply],
+    ) -> Any:
         self._wanted.set()
         await trio.sleep_until(self._blocked_until)
         await self.weight.take(weight)
@@ -218,7 +263,7 @@ class HistoryClient:
         if ws is None:
             raise HistoryUnavailable("no connection to the Binance WebSocket API")
         request_id = str(next(self._ids))
-        send, receive = trio.open_memory_channel[_Reply | None](1)
+        send, receive = trio.open_memory_channel[str | bytes | None](1)
         self._waiting[request_id] = send
         try:
             text = msgspec.json.encode({"id": request_id, "method": method, "params": params})
@@ -227,16 +272,21 @@ class HistoryClient:
             except trio_websocket.ConnectionClosed as exc:
                 raise HistoryUnavailable(f"connection lost: {exc}") from exc
             with trio.move_on_after(self.timeout):
-                reply = await receive.receive()
-                if reply is None:
+                raw = await receive.receive()
+                if raw is None:
                     raise HistoryUnavailable("connection lost before the reply")
-                return self._result(reply)
+                try:
+                    reply = msgspec.json.decode(raw, type=reply_type)
+                except msgspec.DecodeError as exc:
+                    self.stats.history_errors["unreadable"] += 1
+                    raise HistoryUnavailable(f"unreadable reply: {exc}") from exc
+                return self._result(reply, kind)
             self.stats.history_errors["timeout"] += 1
             raise HistoryUnavailable(f"no reply within {self.timeout} s")
         finally:
             self._waiting.pop(request_id, None)
 
-    def _result(self, reply: _Reply) -> Any:
+    def _result(self, reply: _Reply | _ExchangeReply, kind: type = list) -> Any:
         if reply.status in (429, 418):
             self.stats.history_errors[f"rejected_{reply.status}"] += 1
             wait = DEFAULT_BACKOFF
@@ -251,9 +301,9 @@ class HistoryClient:
             if reply.status >= 500:
                 raise HistoryUnavailable(f"server error {reply.status} {error.msg}")
             raise HistoryError(reply.status, error.code, error.msg)
-        if not isinstance(reply.result, list):
+        if not isinstance(reply.result, kind):
             self.stats.history_errors["malformed"] += 1
-            raise HistoryUnavailable("a reply without a result list")
+            raise HistoryUnavailable(f"a reply without a result {kind.__name__}")
         return reply.result
 
     async def klines(
@@ -280,3 +330,26 @@ class HistoryClient:
         """Raise `HistoryError` if Binance does not know `symbol`."""
         params = {"symbol": symbol, "interval": interval, "limit": 1}
         await self._request("klines", params, KLINES_WEIGHT)
+
+    async def exchange_info(self) -> tuple[int, list[SymbolInfo]]:
+        """Binance's clock and every spot symbol with its status and quote asset."""
+        # Trading symbols only: a symbol missing from the reply is one that no longer trades.
+        params = {"symbolStatus": "TRADING"}
+        info: _ExchangeInfo = await self._request(
+            "exchangeInfo", params, EXCHANGE_INFO_WEIGHT, _ExchangeInfo, _ExchangeReply
+        )
+        symbols = [SymbolInfo(s.symbol, s.status, s.quoteAsset) for s in info.symbols]
+        return info.serverTime, symbols
+
+    async def first_open(self, symbol: str, interval: str, since_ms: int) -> int | None:
+        """The open time of the first candle of `symbol` opening at or after `since_ms`
+        (closed or not), or None: where a listing's stream begins."""
+        params = {"symbol": symbol, "interval": interval, "startTime": since_ms, "limit": 1}
+        rows = await self._request("klines", params, KLINES_WEIGHT)
+        if not rows:
+            return None
+        try:
+            return int(rows[0][0])
+        except (TypeError, ValueError, IndexError) as exc:
+            self.stats.history_errors["malformed"] += 1
+            raise HistoryUnavailable(f"unreadable klines row: {exc}") from exc

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -120,10 +120,15 @@ def _read(
 
 
 def resume_points(
-    settings: Settings, stop: threading.Event | None = None
+    settings: Settings,
+    stop: threading.Event | None = None,
+    *,
+    streams: Iterable[tuple[str, str]] | None = None,
 ) -> dict[tuple[str, str], int]:
-    """Blocking: the last closed candle's open time per (SYMBOL, interval) found in the topic."""
-    keys = {f"{s}-{i}".encode(): (s, i) for s, i in settings.streams}
+    """Blocking: the last closed candle's open time per (SYMBOL, interval) found in the topic
+    (of `streams`, by default the named ones)."""
+    wanted = settings.streams if streams is None else streams
+    keys = {f"{s}-{i}".encode(): (s, i) for s, i in wanted}
     now_ms = int(time.time() * 1000)
     window_ms = int(settings.backfill_window * 1000)
     floors = {key: now_ms - window_ms - 2 * length_ms(i) for key, (_, i) in keys.items()}

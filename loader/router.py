@@ -10,7 +10,7 @@ in progress the guard holds that stream's live candles, so each stream stays in 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -41,16 +41,17 @@ class Router:
         *,
         resume: dict[Stream, int] | None = None,
         on_hole: Callable[[str], object] = lambda _: None,
+        streams: Iterable[Stream] | None = None,
     ) -> None:
         self.settings = settings
         self.candles = candles
         self.stats = stats
         self.on_hole = on_hole
         resume = resume or {}
-        window_ms = int(settings.backfill_window * 1000)
-        self.guards: dict[Stream, Guard] = {
-            s: StreamGuard(s[1], window_ms, resume.get(s, -1), HELD_LIMIT) for s in settings.streams
-        }
+        self.window_ms = int(settings.backfill_window * 1000)
+        self.guards: dict[Stream, Guard] = {}
+        for stream in settings.streams if streams is None else streams:
+            self.add(stream, resume.get(stream, -1))
         self.all_candles = settings.all_candles
         # The latest event time seen: Binance's clock, as far as we know it.
         self.latest_event_ms = 0
@@ -69,6 +70,19 @@ class Router:
         for stream in streams:
             del self.guards[stream]
         return len(streams)
+
+    def add(self, stream: Stream, resume: int = -1, first_open: int = -1) -> None:
+        """Start guarding a stream: after `resume` (the last candle in Kafka), or from the
+        candle opening at `first_open` (a listing's first: what precedes it never existed),
+        or from the first candle seen."""
+        guard: Guard = StreamGuard(stream[1], self.window_ms, resume, HELD_LIMIT)
+        if resume < 0 and first_open >= 0:
+            guard.next_open = first_open
+        self.guards[stream] = guard
+
+    def remove(self, stream: Stream) -> None:
+        """Stop guarding a stream (delisted): its frames, if any still come, are skipped."""
+        self.guards.pop(stream, None)
 
     async def kline(self, event: KlineEvent) -> None:
         """One frame of the current connection (hot path)."""

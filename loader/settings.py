@@ -20,7 +20,6 @@ from loader.binance import stream_name
 from loader.intervals import INTERVALS
 from loader.shards import MAX_STREAMS_PER_CONNECTION, Selection, parse_selection
 
-MAX_STREAMS: Final = 1024
 # What the shutdown budget leaves of the pod's grace period: the process's own exit, and a
 # kubelet that counts from a little earlier than the signal arrives.
 SHUTDOWN_MARGIN: Final = 5.0
@@ -235,16 +234,10 @@ def _split(raw: str | None) -> list[str]:
 def _streams(r: _Reader) -> tuple[Selection, tuple[str, ...]]:
     selection, problems = parse_selection(_split(r.get("SYMBOL", required=True)))
     r.problems.extend(problems)
-    symbols = selection.symbols
     intervals = tuple(dict.fromkeys(_split(r.get("INTERVAL")))) or ("1m",)
     for interval in intervals:
         if interval not in INTERVALS:
             r.problems.append(f"INTERVAL {interval!r} is not one of {' '.join(INTERVALS)}")
-    if len(symbols) * len(intervals) > MAX_STREAMS:
-        r.problems.append(
-            f"SYMBOL x INTERVAL makes {len(symbols) * len(intervals)} streams; "
-            f"one connection carries at most {MAX_STREAMS}"
-        )
     return selection, intervals
 
 

@@ -12,6 +12,7 @@ import trio
 from loader.kafka import describe
 from loader.schema import Status, TelemetryEvent
 from loader.settings import Settings
+from loader.shards import producer_name
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +40,32 @@ class Telemetry:
         # error refuses everything after it, telemetry included, yet the failure must be told.
         self.fallback = fallback
         self.sent_terminal = False
+        # The `symbol` field: set by the worker once it knows its streams.
+        self.describe_symbols: Callable[[], str] = self._named
+        self.producer = producer_name(
+            settings.telemetry_producer_id, settings.shard_index, settings.shard_count
+        )
         self._encode = msgspec.json.Encoder().encode
 
     def event(self, status: Status, message: str, *, final: bool = False) -> TelemetryEvent:
         s = self.settings
         return TelemetryEvent(
             queue_id=s.queue_id,
-            symbol=",".join(s.symbols),
+            symbol=self.describe_symbols(),
             type=s.type,
             status=status,
             message=message,
             records_written=self.records_written(),
             finished=final,
-            producer=s.telemetry_producer_id,
+            producer=self.producer,
             timestamp=time.time(),
         )
+
+    def _named(self) -> str:
+        s = self.settings
+        if s.selection.dynamic:
+            return s.selection.describe()
+        return ",".join(s.symbols)
 
     async def send(self, status: Status, message: str, *, final: bool = False) -> None:
         """Send and wait for Kafka's acknowledgement; a refusal raises."""

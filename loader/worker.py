@@ -20,19 +20,22 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import trio
 from kafka import KafkaProducer
 
+from loader.binance import stream_name
 from loader.control import watch_control
 from loader.errors import FatalError
 from loader.kafka import KafkaFailure, aclose, describe, open_producer, publish_once
+from loader.listings import initial_streams
 from loader.metrics import Metrics, serve_metrics
 from loader.resume import resume_points
 from loader.schema import Candle, Status
 from loader.settings import Settings
+from loader.shards import summary
 from loader.sink import KafkaSink
 from loader.source import Source
 from loader.stats import Stats
@@ -147,7 +150,7 @@ class Worker:
     def progress(self) -> str:
         return (
             f"{self.records_written} candles written to {self.settings.kafka_topic} "
-            f"from {len(self.settings.streams)} stream(s)"
+            f"from {len(self.source.streams if self.source else self.settings.streams)} stream(s)"
         )
 
 
@@ -234,7 +237,7 @@ async def _run(
     try:
         # First in every run, a run stopped at once included: shielded, and bounded.
         with trio.CancelScope(shield=True), trio.fail_after(TELEMETRY_RESERVE * 2):
-            await telemetry.send("started", f"starting {_streams(settings)}")
+            await telemetry.send("started", f"starting {_streams(settings, settings.streams)}")
         with worker.scope:
             async with trio.open_nursery() as nursery:
                 if settings.metrics_port is not None:
@@ -246,22 +249,25 @@ async def _run(
                 await nursery.start(sink.run, candles_out)
                 nursery.start_soon(worker._stop_after_fills)
                 await nursery.start(watch_control, settings, worker.stop, worker.stats)
+                streams, listing = await initial_streams(settings, worker.stats)
                 stop_reading = threading.Event()
                 try:
                     resume = await trio.to_thread.run_sync(
-                        resume_points, settings, stop_reading, abandon_on_cancel=True
+                        partial(resume_points, settings, stop_reading, streams=streams),
+                        abandon_on_cancel=True,
                     )
                 finally:
                     stop_reading.set()  # a stop during the scan ends the thread's reading too
                 notices_in, notices_out = trio.open_memory_channel[str](64)
                 source = Source(
-                    settings, candles_in, worker.stats, resume=resume,
+                    settings, candles_in, worker.stats, resume=resume, streams=streams,
                     on_hole=lambda message: _offer(notices_in, f"hole: {message}"),
-                    on_notice=lambda message: _offer(notices_in, message),
+                    listing=listing, on_notice=lambda message: _offer(notices_in, message),
                 )  # fmt: skip
                 await nursery.start(source.run)
                 worker.source = source
-                log.info("streaming %s", _streams(settings))
+                telemetry.describe_symbols = partial(_symbols, settings, source)
+                log.info("streaming %s", _streams(settings, source.streams))
                 nursery.start_soon(telemetry.report_progress, worker.progress)
                 nursery.start_soon(_report, telemetry, notices_out)
                 if settings.stop_at is not None:
@@ -330,14 +336,23 @@ def _first_failure(exc: BaseException) -> BaseException:
     return exc
 
 
-def _streams(settings: Settings) -> str:
-    names = settings.stream_names
+def _streams(settings: Settings, streams: Sequence[tuple[str, str]]) -> str:
+    if settings.selection.dynamic and not streams:
+        what = f"{settings.selection.describe()} x {','.join(settings.intervals)}"
+        return f"{what} into {settings.kafka_topic}"
+    names = [stream_name(*s) for s in streams]
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     return f"{shown} into {settings.kafka_topic}"
 
 
+def _symbols(settings: Settings, source: Source) -> str:
+    """Telemetry's `symbol`: the named symbols, or a summary of a run over many."""
+    symbols = len({s for s, _ in source.streams})
+    return summary(settings.selection, symbols, settings.intervals, len(source.streams))
+
+
 def _offer(channel: trio.MemorySendChannel[str], message: str) -> None:
-    # What is offered is logged and counted already; telemetry of a flood of it may be shed.
+    # What is offered is logged already; telemetry of a flood of it may be shed.
     try:
         channel.send_nowait(message)
     except trio.WouldBlock:
@@ -345,7 +360,8 @@ def _offer(channel: trio.MemorySendChannel[str], message: str) -> None:
 
 
 async def _report(telemetry: Telemetry, notices: trio.MemoryReceiveChannel[str]) -> None:
-    """Holes and dropped symbols, each as a `loading` event the queue manager sees."""
+    """Holes, dropped symbols, listings and delistings: each a `loading` event the queue
+    manager sees."""
     async for message in notices:
         await telemetry.send("loading", message)
 

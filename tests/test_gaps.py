@@ -195,8 +195,10 @@ async def test_1024_streams_after_a_ten_minute_outage(kafka: KafkaBroker) -> Non
     )
     topic = await trio.to_thread.run_sync(kafka.new_topic, "gap-1024", 4)
     async with open_emulator(config) as emulator:
+        # One market connection carries all 1024 (the most Binance allows on one).
         settings = worker_settings(kafka, emulator, topic, SYMBOL=",".join(symbols),
-                                   INTERVAL="1m,3m", CHANNEL_SIZE="2000")  # fmt: skip
+                                   INTERVAL="1m,3m", CHANNEL_SIZE="2000",
+                                   STREAMS_PER_CONNECTION="1024")  # fmt: skip
         assert len(settings.streams) == 1024
         async with running_worker(settings) as worker:
             await emulator.wait_connections(1)
@@ -207,7 +209,16 @@ async def test_1024_streams_after_a_ten_minute_outage(kafka: KafkaBroker) -> Non
             # Ten minutes: ten 1m candles and three or four 3m ones missed per symbol.
             _past_close(emulator, "1m", 16)
             emulator.drop()
-            await emulator.wait_for(lambda e: e.stream_handshakes >= 2)
+            # Reconnected, and every stream subscribed again (200 in the URL, the rest by
+            # SUBSCRIBE): the market stands still, so a stream subscribed after the nudge
+            # would see no frame to reveal its gap.
+            await emulator.wait_for(
+                lambda e: (
+                    e.stream_handshakes >= 2
+                    and sum(len(c.subscriptions) for c in e.connections if c.kind == "stream")
+                    == 1024
+                )
+            )
             _nudge(emulator, "1m", 16)
             expected = 512 * (16 + len(emulator.closed_klines(symbols[0], "3m")))
             with trio.fail_after(60):

@@ -107,16 +107,12 @@ def test_every_problem_is_named_at_once() -> None:
     assert len(caught.value.problems) == 12
 
 
-def test_too_many_streams() -> None:
+def test_more_streams_than_one_connection_carries() -> None:
+    # Split over connections of STREAMS_PER_CONNECTION (at most Binance's 1024) each.
     symbols = ",".join(f"S{i}USDT" for i in range(65))
-    with pytest.raises(ConfigError, match="1040 streams"):
-        load_settings(
-            {
-                **MINIMAL,
-                "SYMBOL": symbols,
-                "INTERVAL": "1m,3m,5m,15m,30m,1h,2h,4h,6h,8h,12h,1d,3d,1w,1M,1s",
-            }
-        )
+    intervals = "1m,3m,5m,15m,30m,1h,2h,4h,6h,8h,12h,1d,3d,1w,1M,1s"
+    settings = load_settings({**MINIMAL, "SYMBOL": symbols, "INTERVAL": intervals})
+    assert len(settings.streams) == 1040
 
 
 def test_process_exits_2_with_one_message_naming_every_problem() -> None:

@@ -80,6 +80,9 @@ class EmulatorConfig:
     #: ``False``: only closing frames, no in-progress updates (cheap for tests that read
     #: closed candles only).
     intermediate_updates: bool = True
+    #: Keep ``time.time_ns()`` of each closing frame on the market clock (``send_times``),
+    #: for freshness benchmarks (the firehose has its own switch).
+    record_send_times: bool = False
     #: Benchmark mode: a paced flood instead of the market clock (see ``FirehoseConfig``).
     firehose: FirehoseConfig | None = None
     #: Recorded sessions to serve on their recorded path (see ``loader.testing.replay``).

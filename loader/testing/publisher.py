@@ -241,8 +241,12 @@ class ClockPublisher(_Publisher):
         *,
         spread: bool = False,
         updates: bool = True,
+        record_send_times: bool = False,
     ) -> None:
         super().__init__(market)
+        #: With ``record_send_times``: ``time.time_ns()`` at which each closing frame was
+        #: queued, keyed by ``(stream name, candle open time)`` (freshness benchmarks).
+        self.send_times: dict[tuple[str, int], int] | None = {} if record_send_times else None
         self.clock = clock
         self.lag = close_lag_ms
         self.spread = spread
@@ -431,6 +435,8 @@ class ClockPublisher(_Publisher):
                 if index <= 0:
                     continue  # the candle before the market opened does not exist
                 kline = market.kline(symbol, interval, index - 1)
+                if self.send_times is not None:
+                    self.send_times[(stream_name(key), kline.open_time)] = time.time_ns()
             else:
                 if index < 0 or not updates:
                     continue

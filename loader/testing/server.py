@@ -289,8 +289,13 @@ class Emulator:
 
     @property
     def send_times(self) -> dict[tuple[str, int], int]:
-        """Firehose with ``record_send_times``: ``time.time_ns()`` at which each closing
-        frame was queued, keyed by ``(stream name, candle open time)``."""
+        """With ``record_send_times`` (firehose or market clock): ``time.time_ns()`` at which
+        each closing frame was queued, keyed by ``(stream name, candle open time)``."""
+        publisher = self._hub.publisher
+        if isinstance(publisher, ClockPublisher):
+            if publisher.send_times is None:
+                raise RuntimeError("the emulator is not recording (config.record_send_times)")
+            return publisher.send_times
         return self._firehose().send_times
 
     @property
@@ -316,6 +321,7 @@ def _publisher(config: EmulatorConfig) -> Publisher:
         config.close_lag_ms,
         spread=config.spread_updates,
         updates=config.intermediate_updates,
+        record_send_times=config.record_send_times,
     )
 
 
