@@ -196,12 +196,19 @@ def _verdict(value: float, target: float) -> str:
     return f"met, {100 * (1 - value / target):.0f}% under" if value <= target else "MISSED"
 
 
+def _cpu_verdict(r: MarketResult) -> str:
+    # A worker whose backlog grows uses less than it needs: its share says nothing then.
+    if r.p50_ms > 1000:
+        return "NOT KEEPING UP (backlog grows: the share is what it got, not what it needs)"
+    return _verdict(r.cpu_share, CPU_TARGET)
+
+
 def table(r: MarketResult) -> str:
     lines = [
         "| metric | result | target | verdict |",
         "|---|---|---|---|",
         f"| Worker CPU, share of one core | {r.cpu_share:.2f} | < {CPU_TARGET:.0f} | "
-        f"{_verdict(r.cpu_share, CPU_TARGET)} |",
+        f"{_cpu_verdict(r)} |",
         f"| Worker peak RSS (VmHWM) | {r.peak_rss_mb:.0f} MB | <= {RSS_TARGET_MB:.0f} MB | "
         f"{_verdict(r.peak_rss_mb, RSS_TARGET_MB)} |",
         f"| Freshness of closed candles, p99 | {r.p99_ms:.1f} ms | <= {P99_TARGET_MS:.0f} ms | "
