@@ -28,16 +28,16 @@ from loader.binance import (
     FrameDecoder,
     Kline,
     KlineEvent,
+    RecordEncoder,
     ServerShutdown,
     next_open_time,
     stream_name,
     stream_path,
-    to_candle,
 )
 from loader.errors import FatalError
 from loader.history import History, HistoryError
 from loader.logs import ThrottledLog
-from loader.schema import Candle
+from loader.schema import Record
 from loader.settings import Settings
 from loader.stats import Stats
 
@@ -144,7 +144,7 @@ class Source:
     def __init__(
         self,
         settings: Settings,
-        candles: trio.MemorySendChannel[Candle],
+        candles: trio.MemorySendChannel[Record],
         stats: Stats,
         *,
         resume: dict[Stream, int] | None = None,
@@ -159,7 +159,8 @@ class Source:
         names = list(settings.stream_names)
         base = settings.binance_ws_url.rstrip("/").removesuffix("/ws").removesuffix("/stream")
         self.url = base + stream_path(names)
-        self.decoder = FrameDecoder(combined=len(names) > 1)
+        self.decoder = FrameDecoder(combined=len(names) > 1, updates=settings.all_candles)
+        self.encode = RecordEncoder(with_state=settings.all_candles)
         self.backoff = Backoff(settings.connects_per_minute)
         self.bad = ThrottledLog(log)
         self.valid_symbols: set[str] = set()
@@ -265,13 +266,15 @@ class Source:
                 self.stats.reconnects["server_shutdown"] += 1
                 conn.retire_for("server shutdown")
                 continue
-            k = event.kline
+            # An update only looked at, not decoded (CANDLES=closed), is handled as one.
+            k = event.kline if isinstance(event, KlineEvent) else event
             if not k.is_closed:
                 guard = guards.get((k.symbol, k.interval))
                 if guard is not None:
                     guard.seen = conn.idle_since
                 if not all_candles:
                     continue
+            assert isinstance(event, KlineEvent)  # decoded in full unless CANDLES=closed
             if conn is not self.current:
                 conn.pending.append(event)
                 continue
@@ -347,7 +350,7 @@ class Source:
             self.stats.duplicates_dropped += 1
             return
         try:
-            candle = to_candle(k, with_state=self.settings.all_candles)
+            candle = self.encode(k)
         except BadFrame as bad:
             self.skip(bad.kind, str(bad))
             return
@@ -386,7 +389,7 @@ class Source:
         for kline in missing:
             if kline.open_time <= guard.last_closed:
                 continue
-            await self.candles.send(to_candle(kline, with_state=self.settings.all_candles))
+            await self.candles.send(self.encode(kline))
             guard.closed(kline.open_time, kline.interval)
             self.stats.candles_published += 1
             self.stats.candles_backfilled += 1
