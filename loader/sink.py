@@ -1,19 +1,27 @@
 """The Kafka sink: records from the channel to Kafka, counted only once Kafka acknowledged them.
 
 kafka-python is blocking, so it is called from one long-lived sender thread, fed batches through
-a queue: a hand-off costs one thread wake-up and no wake-back, where a `trio.to_thread` call per
-batch cost two. The Trio side gathers records for at most `linger` seconds before handing them
-over, so at a few hundred records a second several share one hand-off, one produce request and
-one acknowledgement. kafka-python's futures settle in its own I/O thread and wake Trio once per
-batch. Batches are pipelined (several in flight) and settled strictly in order, so the
-acknowledged count is always a prefix of what was sent; one thread sending them in queue order
-keeps each stream's records in order.
+a queue: a hand-off costs that thread one wake-up and Trio none. Batches are pipelined and
+settled strictly in order, so the acknowledged count is always a prefix of what was sent; the
+one thread sending them in queue order keeps each stream's records in order.
+
+Every produce request costs kafka-python's threads a few hundred microseconds of Python however
+few records it carries, so records are gathered, Nagle-style: a batch goes out at once when
+nothing is in flight, and otherwise waits for the acknowledgement in flight (at most `MAX_HOLD`,
+or until it is `HOLD_LIMIT` records). At a trickle that adds no latency; as the rate grows the
+batches grow with it, each waiting about one round trip, and no timer fires per batch.
+
+An acknowledgement wakes Trio only when something waits for it (a batch held back, a full
+pipeline, the drain at the end) or it is a failure; otherwise it is counted with the next
+batch's hand-off, or at the latest `ACK_TICK` after it was sent. At a trickle that saves the
+Trio thread one of its two wake-ups per candle.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
 import queue
 import threading
 import time
@@ -32,10 +40,14 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 2048
 MAX_IN_FLIGHT = 8
-# How long the first record of a batch waits for others. Each batch costs a thread wake-up, a
-# produce request and an acknowledgement whatever its size; at 1,000 records a second 5 ms
-# makes batches of about five, for 2.5 ms of added latency on average (see docs/benchmarks.md).
-LINGER = 0.005
+# A batch this large goes out even while others are in flight: at full speed the pipeline,
+# not the round trip, sets the pace.
+HOLD_LIMIT = 256
+# The longest a batch waits for the acknowledgement in flight (a slow broker must not add
+# more than this to every record's latency).
+MAX_HOLD = 0.020
+# The longest an acknowledgement nobody waits for goes uncounted.
+ACK_TICK = 0.050
 
 
 class DeliveryFailed(KafkaFailure):
@@ -43,19 +55,24 @@ class DeliveryFailed(KafkaFailure):
 
 
 class Pending:
-    """Records handed to kafka-python together; `done` is set once every one has settled."""
+    """Records handed to kafka-python together; `settled` once every one has, and then
+    `on_settled` is called (in kafka-python's I/O thread, or the sending thread)."""
 
-    __slots__ = ("_lock", "_remaining", "_token", "count", "done", "error", "sent_at")
+    __slots__ = (
+        "_lock", "_on_settled", "_remaining", "acked_at", "count", "due", "error", "sent_at",
+        "settled",
+    )  # fmt: skip
 
-    def __init__(self, count: int, token: trio.lowlevel.TrioToken) -> None:
+    def __init__(
+        self, count: int, on_settled: Callable[[Pending], object], due: float = math.inf
+    ) -> None:
         self._lock = threading.Lock()
-        self._token = token
+        self._on_settled = on_settled
         self._remaining = self.count = count
-        self.sent_at = time.monotonic()
+        self.sent_at = self.acked_at = time.monotonic()
+        self.due = due  # trio time by which Trio counts it, woken or not
         self.error: BaseException | None = None
-        self.done = trio.Event()
-        if not count:
-            self.done.set()
+        self.settled = False
 
     def watch(self, futures: Sequence[Any]) -> None:
         """Settle as these futures do (each a record of the batch, in any thread)."""
@@ -67,14 +84,15 @@ class Pending:
         self._settle(error, count)
 
     def _settle(self, result: object, count: int = 1) -> None:
-        # Runs in kafka-python's I/O thread (or the sending thread, if already settled).
         with self._lock:
             if isinstance(result, BaseException) and self.error is None:
                 self.error = result
             self._remaining -= count
             last = self._remaining == 0
         if last:
-            self._token.run_sync_soon(self.done.set)
+            self.acked_at = time.monotonic()
+            self.settled = True  # before the call: Trio reads it after raising its flag
+            self._on_settled(self)
 
 
 class KafkaSink:
@@ -88,18 +106,23 @@ class KafkaSink:
         observe_latency: Callable[[float], object] = lambda _: None,
         *,
         on_acknowledged: Callable[[], None] = lambda: None,
-        linger: float = LINGER,
+        hold: bool = True,
     ) -> None:
         self.producer = producer
         self.topic = topic
         self.stats = stats
         self.observe_latency = observe_latency
         self.on_acknowledged = on_acknowledged
-        self.linger = linger
+        self.hold = hold
         self._unacked: collections.deque[Pending] = collections.deque()
         self._partitions: dict[bytes, int] = {}
         self._queue: queue.SimpleQueue[tuple[list[Record], Pending] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        # Raised while a Trio task waits for an acknowledgement: only then does one wake it.
+        self._waiting = 0
+        self._acked = trio.Event()
+        self._tick: trio.CancelScope | None = None
 
     async def run(
         self,
@@ -107,72 +130,121 @@ class KafkaSink:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Send what arrives on `records` until it closes; raise `DeliveryFailed` on a refusal."""
-        token = trio.lowlevel.current_trio_token()
-        in_flight_send, in_flight = trio.open_memory_channel[Pending](MAX_IN_FLIGHT)
+        """Send what arrives on `records` until it closes, and see it acknowledged; raise
+        `DeliveryFailed` on a refusal."""
+        self._token = trio.lowlevel.current_trio_token()
         self._thread = threading.Thread(target=self._sender, name="loader-kafka-sender",
                                         daemon=True)  # fmt: skip
         self._thread.start()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._settle_in_order, in_flight)
+                nursery.start_soon(self._count_late_acks)
                 task_status.started()
-                async with in_flight_send:
-                    async for first in records:
-                        batch = [first, *_drain(records, MAX_BATCH - 1)]
-                        try:
-                            if len(batch) < MAX_BATCH and self.linger > 0:
-                                await self._linger(records, batch)
-                        finally:
-                            # Handed over even when a stop cancels the linger; registered
-                            # before the next await, so drain() accounts for it.
-                            pending = Pending(len(batch), token)
-                            self._unacked.append(pending)
-                            self._queue.put((batch, pending))
-                        await in_flight_send.send(pending)
+                async for first in records:
+                    batch = [first, *_drain(records, MAX_BATCH - 1)]
+                    try:
+                        await self._hold(records, batch)
+                    finally:
+                        # Handed over even when a stop cancels the wait: drain() accounts for
+                        # it.
+                        self._hand_off(batch)
+                    while len(self._unacked) >= MAX_IN_FLIGHT:
+                        await self._wait_ack()
+                while self._unacked:
+                    await self._wait_ack()
+                nursery.cancel_scope.cancel()
         finally:
             # The thread ends once it has handed over everything queued before this.
             self._queue.put(None)
 
-    async def _linger(
-        self, records: trio.MemoryReceiveChannel[Record], batch: list[Record]
-    ) -> None:
-        """Add what arrives within `linger` of now (one timer per batch, not per record)."""
-        with trio.move_on_after(self.linger):
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(await records.receive())
-                except trio.EndOfChannel:
-                    return
-                batch += _drain(records, MAX_BATCH - len(batch))
+    async def _hold(self, records: trio.MemoryReceiveChannel[Record], batch: list[Record]) -> None:
+        """While a batch is in flight, let `batch` grow until it is acknowledged."""
+        if not self.hold:
+            return
+        deadline = trio.current_time() + MAX_HOLD
+        while len(batch) < HOLD_LIMIT:
+            self._collect()
+            if not self._unacked or trio.current_time() >= deadline:
+                return
+            await self._wait_ack(deadline)
+            batch += _drain(records, MAX_BATCH - len(batch))
+
+    def _hand_off(self, batch: list[Record]) -> None:
+        pending = Pending(len(batch), self._on_settled, trio.current_time() + ACK_TICK)
+        self._unacked.append(pending)
+        self._queue.put((batch, pending))
+        self._retick()
+
+    def _on_settled(self, pending: Pending) -> None:
+        # kafka-python's thread: wake Trio only if a task waits, or for a failure.
+        if (self._waiting or pending.error is not None) and self._token is not None:
+            self._token.run_sync_soon(self._acked.set)
+
+    async def _wait_ack(self, deadline: float = math.inf) -> None:
+        """Until an acknowledgement arrives (or `deadline`); count what has arrived."""
+        self._waiting += 1
+        try:
+            if not (self._unacked and self._unacked[0].settled):
+                with trio.move_on_at(deadline):
+                    await self._acked.wait()
+        finally:
+            self._waiting -= 1
+        if self._acked.is_set():
+            self._acked = trio.Event()
+        self._collect()
+
+    async def _count_late_acks(self) -> None:
+        """Count acknowledgements nobody waited for, at the latest `ACK_TICK` after sending
+        (a timer armed only while something is unacknowledged)."""
+        while True:
+            with trio.CancelScope() as self._tick:
+                self._retick()
+                await self._acked.wait()
+            if self._acked.is_set():
+                self._acked = trio.Event()
+            self._collect()
+
+    def _retick(self) -> None:
+        if self._tick is not None:
+            self._tick.deadline = self._unacked[0].due if self._unacked else math.inf
+
+    def _collect(self) -> None:
+        """Count, in order, every batch at the head that is settled."""
+        unacked = self._unacked
+        if not (unacked and unacked[0].settled):
+            return
+        while unacked and unacked[0].settled:
+            self._account(unacked.popleft())
+        self._retick()
 
     async def drain(self, records: trio.MemoryReceiveChannel[Record], deadline: float) -> None:
         """After the tasks are gone: send what is still queued, settle all by `deadline`."""
+        self._waiting += 1  # from here on, every acknowledgement is awaited
+        self._token = trio.lowlevel.current_trio_token()
         with trio.CancelScope(deadline=deadline, shield=True) as scope:
-            token = trio.lowlevel.current_trio_token()
             if self._thread is not None:
                 # What the sender thread still holds goes first: per-stream order.
                 await trio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
             while batch := _drain(records, MAX_BATCH):
-                pending = Pending(len(batch), token)
+                pending = Pending(len(batch), self._on_settled)
                 self._unacked.append(pending)
                 await trio.to_thread.run_sync(self._hand, batch, pending)
             while self._unacked:
-                await self._unacked[0].done.wait()
-                self._account(self._unacked[0])
+                await self._wait_ack()
         if scope.cancelled_caught:
             lost = sum(p.count for p in self._unacked) + records.statistics().current_buffer_used
             raise DeliveryFailed(f"{lost} candles were not acknowledged within the stop grace")
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
         """Send one record (telemetry) and wait until Kafka acknowledged it."""
-        pending = Pending(1, trio.lowlevel.current_trio_token())
+        token, done = trio.lowlevel.current_trio_token(), trio.Event()
+        pending = Pending(1, lambda _: token.run_sync_soon(done.set))
 
         def send() -> None:
             pending.watch([self.producer.send(topic, value=value, key=key)])
 
         await trio.to_thread.run_sync(send)
-        await pending.done.wait()
+        await done.wait()
         if pending.error is not None:
             raise DeliveryFailed(f"Kafka refused a record for {topic}: {describe(pending.error)}")
 
@@ -204,23 +276,14 @@ class KafkaSink:
         partitions = sorted(self.producer.partitions_for(self.topic))
         return int(partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)])
 
-    async def _settle_in_order(self, in_flight: trio.MemoryReceiveChannel[Pending]) -> None:
-        async with in_flight:
-            async for pending in in_flight:
-                await pending.done.wait()
-                # drain() may have settled it already, after a cancelled run.
-                if self._unacked and self._unacked[0] is pending:
-                    self._account(pending)
-
     def _account(self, pending: Pending) -> None:
-        self._unacked.popleft()
         if pending.error is not None:
             raise DeliveryFailed(
                 f"Kafka did not acknowledge candles for {self.topic}: {describe(pending.error)}"
             )
         self.stats.candles_acknowledged += pending.count
-        self.stats.last_ack_at = now = time.monotonic()
-        self.observe_latency(now - pending.sent_at)
+        self.stats.last_ack_at = pending.acked_at
+        self.observe_latency(pending.acked_at - pending.sent_at)
         self.on_acknowledged()
 
 
