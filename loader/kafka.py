@@ -139,12 +139,17 @@ def publish_once(
 
 
 def open_consumer(
-    kafka: KafkaSettings, *, timeout: float, request_timeout: float = 30.0
+    kafka: KafkaSettings,
+    *,
+    timeout: float,
+    request_timeout: float = 30.0,
+    fetch_max_wait_ms: int = 500,
 ) -> KafkaConsumer:
     """A group-less consumer: the Job is stateless and commits nothing.
 
     `request_timeout` bounds each blocking call, so a thread stuck on a dead broker returns
-    (and lets the run end) that soon.
+    (and lets the run end) that soon. `fetch_max_wait_ms`: how long the broker holds a fetch
+    while nothing is new (each empty answer costs a wake-up).
     """
     with _failure_cause("consumer", kafka):
         return KafkaConsumer(
@@ -152,6 +157,7 @@ def open_consumer(
             group_id=None,
             enable_auto_commit=False,
             metrics_enabled=False,
+            fetch_max_wait_ms=fetch_max_wait_ms,
         )
 
 
