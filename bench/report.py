@@ -435,7 +435,9 @@ def _profiles(run: Run) -> str:
             "worker's Python runs on one core at a time, so that is the time to cut. An item "
             "is a candle, or at a cadence a frame (most of them in-progress updates). Time "
             "without the GIL (system calls, the kernel's side of waking threads, kafka-python's "
-            "C CRC) is in the CPU figures above but not here.",
+            "C CRC) is in the CPU figures above but not here; time a thread held the GIL "
+            "while the kernel ran another process is here but not in them, so on a busy "
+            "machine these exceed the CPU figures. Read them as proportions.",
             _md(header, body),
             "Share of the samples per thread:",
             _md(("thread", *(name for name, _, _ in loads)), by_thread),
