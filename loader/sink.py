@@ -8,8 +8,9 @@ one thread sending them in queue order keeps each stream's records in order.
 Every produce request costs kafka-python's threads up to a millisecond of CPU however few
 records it carries, so records are gathered, Nagle-style: while a batch is in flight the next
 one waits for its acknowledgement, so batches grow with the rate, each waiting about one round
-trip; with nothing in flight a lone record waits for a second one. Never past `MAX_HOLD`, nor
-past `HOLD_LIMIT` records; the timer bounding the wait rarely fires at a steady rate.
+trip (at most `ACK_HOLD`); with nothing in flight a lone record waits for a second one (at most
+`MAX_HOLD`). Never past `HOLD_LIMIT` records; the timer bounding a wait rarely fires at a
+steady rate.
 
 An acknowledgement wakes Trio only when something waits for it (a batch held back, a full
 pipeline, the drain at the end) or it is a failure; otherwise it is counted with the next
@@ -47,8 +48,11 @@ HOLD_LIMIT = 256
 # evenly, that halves the produce requests (each costs kafka-python's threads about a
 # millisecond of CPU there) for 10 ms more latency on every other record.
 MIN_BATCH = 2
-# The longest a record waits in the sink for others or for the acknowledgement in flight.
+# The longest a lone record waits for a second one.
 MAX_HOLD = 0.015
+# The longest a batch waits for the acknowledgement in flight: about a round trip on a quiet
+# broker; a slow one then gets the next batch pipelined rather than every record delayed.
+ACK_HOLD = 0.005
 # The longest an acknowledgement nobody waits for goes uncounted.
 ACK_TICK = 0.050
 
@@ -161,19 +165,21 @@ class KafkaSink:
             self._queue.put(None)
 
     async def _hold(self, records: trio.MemoryReceiveChannel[Record], batch: list[Record]) -> None:
-        """Let `batch` grow while a batch is in flight (until it is acknowledged), or while it
-        is a single record (until a second one comes); never past `MAX_HOLD`."""
+        """Let `batch` grow while a batch is in flight (until it is acknowledged, at most
+        `ACK_HOLD`), or while it is a single record (until a second one comes, at most
+        `MAX_HOLD`)."""
         if not self.hold:
             return
-        deadline = trio.current_time() + MAX_HOLD
+        start = trio.current_time()
         while len(batch) < HOLD_LIMIT:
             self._collect()
-            if trio.current_time() >= deadline:
-                return
+            now = trio.current_time()
             if self._unacked:
-                await self._wait_ack(deadline)
-            elif len(batch) < MIN_BATCH:
-                with trio.move_on_at(deadline):
+                if now >= start + ACK_HOLD:
+                    return
+                await self._wait_ack(start + ACK_HOLD)
+            elif len(batch) < MIN_BATCH and now < start + MAX_HOLD:
+                with trio.move_on_at(start + MAX_HOLD):
                     try:
                         batch.append(await records.receive())
                     except trio.EndOfChannel:
