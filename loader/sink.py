@@ -214,18 +214,27 @@ class KafkaSink:
 
     async def _count_late_acks(self) -> None:
         """Count acknowledgements nobody waited for, at the latest `ACK_TICK` after sending
-        (a timer armed only while something is unacknowledged)."""
+        (a timer armed only while something is unacknowledged, and moved as rarely as may
+        be: each move of a Trio deadline is a heap entry to expire)."""
         while True:
             with trio.CancelScope() as self._tick:
-                self._retick()
+                # Never in the past: a batch slower than ACK_TICK is looked at again every
+                # ACK_TICK, not in a busy loop.
+                self._tick.deadline = (
+                    max(self._unacked[0].due, trio.current_time() + ACK_TICK)
+                    if self._unacked
+                    else math.inf
+                )
                 await self._acked.wait()
             if self._acked.is_set():
                 self._acked = trio.Event()
             self._collect()
 
     def _retick(self) -> None:
-        if self._tick is not None:
-            self._tick.deadline = self._unacked[0].due if self._unacked else math.inf
+        """A first batch in flight arms the timer; later ones leave it (an early look at the
+        head costs one wake-up and re-arms it)."""
+        if self._tick is not None and self._tick.deadline == math.inf and self._unacked:
+            self._tick.deadline = self._unacked[0].due
 
     def _collect(self) -> None:
         """Count, in order, every batch at the head that is settled."""
@@ -234,7 +243,6 @@ class KafkaSink:
             return
         while unacked and unacked[0].settled:
             self._account(unacked.popleft())
-        self._retick()
 
     async def drain(self, records: trio.MemoryReceiveChannel[Record], deadline: float) -> None:
         """After the tasks are gone: send what is still queued, settle all by `deadline`."""
