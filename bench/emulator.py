@@ -11,7 +11,7 @@ that prints its URL when ready and then obeys one command per stdin line:
 EOF on stdin (the orchestrator going away) or SIGTERM ends it.
 
     python -m bench.emulator --synthetic 1000 --rate 5000 --record-send-times
-    python -m bench.emulator --clock        # the market clock (Binance's pace), for idling
+    python -m bench.emulator --clock        # the market clock (Binance's pace): idle, cadence
     python -m bench.emulator --market 1500 --record-send-times   # the whole spot market
 """
 
@@ -65,10 +65,12 @@ def _config(args: argparse.Namespace) -> EmulatorConfig:
             spread_updates=True,
             record_send_times=args.record_send_times,
         )
+    synthetic = tuple(f"SYM{i}USDT" for i in range(args.synthetic))
     if args.clock:
-        return EmulatorConfig(symbols=DEFAULT_SYMBOLS)
+        # Binance's pace (speed 1): every subscribed stream's frame at the same instants.
+        return EmulatorConfig(symbols=DEFAULT_SYMBOLS + synthetic)
     return EmulatorConfig(
-        symbols=tuple(f"SYM{i}USDT" for i in range(args.synthetic)),
+        symbols=synthetic,
         firehose=FirehoseConfig(
             rate=args.rate,
             close_ratio=args.close_ratio,

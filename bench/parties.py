@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +85,18 @@ class Worker:
         emulator_url: str,
         streams: list[str],
         topics: Topics,
+        *,
+        interval: str = "1m",
+        metrics: bool = False,
     ) -> None:
         self.kafka = kafka
         self.topics = topics
+        # Its own counters, read over /metrics (a free port picked here).
+        self.metrics_port = _free_port() if metrics else None
         env = {
             "QUEUE_ID": topics.queue_id,
             "SYMBOL": ",".join(streams),
-            "INTERVAL": "1m",
+            "INTERVAL": interval,
             "KAFKA_TOPIC": topics.candles,
             "TELEMETRY_PRODUCER_ID": "bench",
             "KAFKA_BOOTSTRAP_SERVERS": kafka.broker.bootstrap,
@@ -99,6 +106,8 @@ class Worker:
             "QUEUE_EVENTS_TOPIC": topics.events,
             "LOG_FORMAT": "json",
         }
+        if self.metrics_port is not None:
+            env["METRICS_PORT"] = str(self.metrics_port)
         self.child: Child = procs.python(f"worker-{label}", "loader", env=env)
         self.result = Lifecycle(label=label, spawned_ns=self.child.spawned_ns)
 
@@ -123,6 +132,27 @@ class Worker:
 
     def wait_started(self, timeout: float = START_TIMEOUT) -> None:
         self.kafka.wait_event(self.topics, "started", timeout)
+
+    def counters(self) -> dict[str, float]:
+        """The worker's own counters and gauges from /metrics, by name (`loader_` cut off)."""
+        if self.metrics_port is None:
+            raise RuntimeError("this worker was started without metrics")
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        found = {}
+        for line in text.splitlines():
+            if line.startswith("loader_") and "{" not in line:
+                name, _, value = line.partition(" ")
+                found[name.removeprefix("loader_").removesuffix("_total")] = float(value)
+        return found
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def settle(seconds: float) -> None:

@@ -76,16 +76,17 @@ _WRAPPERS = (
 STAGES = (
     ("trio-websocket's reader task: wsproto parsing, UTF-8, message queue",
      "trio_websocket/_impl.py:WebSocketConnection._reader_task"),
-    ("Source._read: get_message, FrameDecoder.decode, hand-off to the publisher",
+    ("Source._read: get_message, decode (a look at an update), guard, record, channel",
      "loader/source.py:Source._read"),
-    ("Source._publish: order guard, to_candle, candles channel",
-     "loader/source.py:Source._publish"),
-    ("KafkaSink.run + _settle_in_order (Trio side)", "loader/sink.py:KafkaSink.run"),
-    ("", "loader/sink.py:KafkaSink._settle_in_order"),
-    ("KafkaSink._send in a worker thread: encode, producer.send per record",
-     "loader/sink.py:KafkaSink._send"),
+    ("KafkaSink (Trio side): gathering, hand-off, counting acknowledgements",
+     "loader/sink.py:KafkaSink.run"),
+    ("", "loader/sink.py:KafkaSink._count_late_acks"),
+    ("KafkaSink._hand in the sender thread: producer.send per record",
+     "loader/sink.py:KafkaSink._hand"),
     ("kafka-python's network thread (Sender: batches, requests, acks)",
      "kafka/producer/sender.py:Sender.run"),
+    ("the control watcher's consumer.poll (a Trio worker thread)",
+     "loader/control.py:watch_control.<locals>.<lambda>"),
 )  # fmt: skip
 
 

@@ -61,6 +61,7 @@ class Phase(msgspec.Struct, kw_only=True):
     emulator_cpu: float  # the emulator's,
     broker_cpu: float  # the broker's,
     machine_cpu: float  # and the whole machine's (at most cores x window)
+    profile: Profile | None = None  # py-spy right after the window, same rate
 
     @property
     def missing(self) -> int:
@@ -157,19 +158,92 @@ class Profile(msgspec.Struct, kw_only=True):
     raw: str  # path of the raw collapsed stacks
 
 
+class Cadence(msgspec.Struct, kw_only=True):
+    """The worker on the emulator's market clock at Binance's pace (speed 1): every stream's
+    frame at the same instants, in-progress updates included (CANDLES=closed drops them)."""
+
+    interval: str
+    streams: int
+    window: float
+    worker_cpu: float
+    frames: int  # frames the worker received in the window (its own counter)
+    candles: int  # candles Kafka acknowledged in the window (its own counter)
+    others_cpu: float  # CPU seconds of the rest of the machine (not worker, emulator, broker)
+    rss_kib: int
+    profile: Profile | None = None
+
+    @property
+    def share(self) -> float:
+        """Share of one core."""
+        return self.worker_cpu / self.window
+
+    @property
+    def updates(self) -> int:
+        return max(0, self.frames - self.candles)
+
+    @property
+    def us_per_frame(self) -> float:
+        return self.worker_cpu / max(1, self.frames) * 1e6
+
+
+class SoakSample(msgspec.Struct, array_like=True):
+    at: float  # seconds since the worker was spawned
+    rss_kib: int
+    cpu: float  # the worker's CPU seconds so far
+    acknowledged: int  # candles Kafka acknowledged so far (the worker's counter)
+
+
+class Soak(msgspec.Struct, kw_only=True):
+    """A long run at a steady firehose rate, resident memory sampled throughout."""
+
+    streams: int
+    rate: float  # frames/s asked of the firehose, all closing
+    seconds: float
+    samples: list[SoakSample]
+    lifecycle: Lifecycle | None = None
+
+    def rss_around(self, at: float, span: float = 60.0) -> float:
+        """Median RSS (KiB) of the samples within ``span`` seconds ending at ``at``."""
+        near = sorted(s.rss_kib for s in self.samples if at - span <= s.at <= at)
+        return float(near[len(near) // 2]) if near else math.nan
+
+    @property
+    def half(self) -> float:
+        """When the second half starts (seconds since spawn)."""
+        return (self.samples[0].at + self.samples[-1].at) / 2
+
+    @property
+    def growth_kib(self) -> float:
+        """RSS growth over the second half: last minute's median less the median of the
+        minute before the half-way point."""
+        return self.rss_around(self.samples[-1].at) - self.rss_around(self.half)
+
+    @property
+    def candles_per_s(self) -> float:
+        first, last = self.samples[0], self.samples[-1]
+        return (last.acknowledged - first.acknowledged) / max(1e-9, last.at - first.at)
+
+    @property
+    def cpu_us_per_candle(self) -> float:
+        first, last = self.samples[0], self.samples[-1]
+        return (last.cpu - first.cpu) / max(1, last.acknowledged - first.acknowledged) * 1e6
+
+
 class Run(msgspec.Struct, kw_only=True):
     command: str
     started: str  # ISO 8601, UTC
     seconds: float  # the whole benchmark's wall time
     machine: Machine
     settings: dict[str, str | int | float]
-    ws: Baseline
-    kafka: Baseline
-    throughput: Throughput
-    phases: list[Phase]
-    idle: Idle
-    lifecycles: list[Lifecycle]
+    ws: Baseline | None = None
+    kafka: Baseline | None = None
+    throughput: Throughput | None = None
+    phases: list[Phase] = msgspec.field(default_factory=list)
+    idle: Idle | None = None
+    lifecycles: list[Lifecycle] = msgspec.field(default_factory=list)
     profile: Profile | None = None
+    cadences: list[Cadence] = msgspec.field(default_factory=list)
+    soak: Soak | None = None
 
 
 def percentile(values: list[float], p: float) -> float:

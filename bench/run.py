@@ -40,7 +40,19 @@ from bench.kafka_tools import Broker, Kafka, local_broker
 from bench.parties import Emulator
 from bench.procs import REPO_ROOT, Procs
 from bench.results import Machine, Run
-from bench.scenarios import Bench, baselines, freshness, idle, lifecycles, save, throughput
+from bench.scenarios import (
+    Bench,
+    baselines,
+    cadence,
+    freshness,
+    idle,
+    lifecycles,
+    save,
+    soak,
+    throughput,
+)
+
+PHASES = ("idle", "freshness", "lifecycle", "baselines", "throughput", "cadence", "soak")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,6 +71,18 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lifecycle-rate", type=float, default=1000.0, help="their frames/s")
     p.add_argument(
         "--profile", type=float, default=8.0, help="seconds of py-spy at full load (0: none)"
+    )
+    p.add_argument(
+        "--cadence",
+        default="1m:60,1s:20",
+        help="the emulator's cadence at Binance's pace: interval:window seconds, comma-separated",
+    )
+    p.add_argument("--soak", type=float, default=30.0, help="minutes of the soak (0: none)")
+    p.add_argument("--soak-rate", type=float, default=600.0, help="its candles/s")
+    p.add_argument(
+        "--only",
+        default=",".join(PHASES),
+        help=f"which parts, comma-separated, of: {','.join(PHASES)}",
     )
     p.add_argument("--out", type=Path, default=None, help="logs and raw data (.cache/bench/...)")
     p.add_argument("--docs", type=Path, default=REPO_ROOT / "docs", help="where to write")
@@ -108,6 +132,49 @@ def _command(argv: list[str] | None) -> str:
     return " ".join([*env, command])
 
 
+def _parts(bench: Bench, run: Run, only: set[str], args: argparse.Namespace,
+           rates: list[float]) -> None:  # fmt: skip
+    """Each part asked for, in order; the saved results grow as they go."""
+    partial = bench.out / "results.json"
+    if "idle" in only:
+        run.idle, idle_life = idle(bench)
+        run.lifecycles.append(idle_life)
+    if only & {"freshness", "lifecycle"}:
+        emulator = Emulator(bench.procs, "emulator-paced", "--synthetic", str(bench.streams),
+                            "--rate", str(rates[0]), "--record-send-times")  # fmt: skip
+        if "freshness" in only:
+            run.phases, fresh_life = freshness(bench, emulator, rates,
+                                               profile_seconds=args.profile)  # fmt: skip
+            run.lifecycles.append(fresh_life)
+        if "lifecycle" in only:
+            run.lifecycles += lifecycles(bench, emulator, args.lifecycle_runs,
+                                         args.lifecycle_rate)  # fmt: skip
+        emulator.end()
+        save(partial, run)
+    if only & {"baselines", "throughput"}:
+        emulator = Emulator(bench.procs, "emulator-max", "--synthetic", str(bench.streams),
+                            "--rate", "max")  # fmt: skip
+        if "baselines" in only:
+            run.ws, run.kafka = baselines(bench, emulator)
+        if "throughput" in only:
+            run.throughput, max_life, run.profile = throughput(
+                bench, emulator, profile_seconds=args.profile
+            )
+            run.lifecycles.append(max_life)
+        emulator.end()
+        save(partial, run)
+    if "cadence" in only:
+        for spec in args.cadence.split(","):
+            interval, _, window = spec.partition(":")
+            run.cadences.append(
+                cadence(bench, interval, float(window or 60), profile_seconds=args.profile)
+            )
+            save(partial, run)
+    if "soak" in only and args.soak > 0:
+        run.soak = soak(bench, args.soak * 60, args.soak_rate)
+        save(partial, run)
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # unwinds through Procs, which ends every child
 
@@ -124,26 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     broker = local_broker()
     machine = _machine(broker)
     kafka = Kafka(broker)
-    try:
-        with Procs(out, pycache=REPO_ROOT / ".cache" / "bench" / "pycache") as procs:
-            bench = Bench(procs, kafka, args.streams, args.warmup, args.window, out)
-            idle_result, idle_life = idle(bench)
-            emulator = Emulator(procs, "emulator-paced", "--synthetic", str(args.streams),
-                                "--rate", str(rates[0]), "--record-send-times")  # fmt: skip
-            phases, fresh_life = freshness(bench, emulator, rates)
-            lives = lifecycles(bench, emulator, args.lifecycle_runs, args.lifecycle_rate)
-            emulator.end()
-            emulator = Emulator(procs, "emulator-max", "--synthetic", str(args.streams),
-                                "--rate", "max")  # fmt: skip
-            ws, kafka_base = baselines(bench, emulator)
-            tput, max_life, prof = throughput(bench, emulator, profile_seconds=args.profile)
-            emulator.end()
-    finally:
-        kafka.close()
+    only = set(args.only.split(","))
+    if unknown := only - set(PHASES):
+        raise SystemExit(f"bench: unknown parts {sorted(unknown)}; known: {', '.join(PHASES)}")
     run = Run(
         command=_command(argv),
         started=started.isoformat(timespec="seconds"),
-        seconds=time.monotonic() - began,
+        seconds=0.0,
         machine=machine,
         settings={
             "streams": args.streams,
@@ -151,15 +205,18 @@ def main(argv: list[str] | None = None) -> int:
             "window": args.window,
             "rates": args.rates,
             "lifecycle_rate": args.lifecycle_rate,
+            "cadence": args.cadence,
+            "soak_minutes": args.soak,
+            "soak_rate": args.soak_rate,
         },
-        ws=ws,
-        kafka=kafka_base,
-        throughput=tput,
-        phases=phases,
-        idle=idle_result,
-        lifecycles=[idle_life, *lives, fresh_life, max_life],
-        profile=prof,
     )
+    try:
+        with Procs(out, pycache=REPO_ROOT / ".cache" / "bench" / "pycache") as procs:
+            bench = Bench(procs, kafka, args.streams, args.warmup, args.window, out)
+            _parts(bench, run, only, args, rates)
+    finally:
+        kafka.close()
+    run.seconds = time.monotonic() - began
     save(out / "results.json", run)
     print(report.table(run))
     if not args.no_docs:

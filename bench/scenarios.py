@@ -15,7 +15,17 @@ from bench import profile
 from bench.kafka_tools import Kafka
 from bench.parties import Consumer, Emulator, Worker, combined_url, settle, symbols
 from bench.procs import Procs, system_cpu, usage
-from bench.results import Baseline, Idle, Lifecycle, Phase, Profile, Throughput
+from bench.results import (
+    Baseline,
+    Cadence,
+    Idle,
+    Lifecycle,
+    Phase,
+    Profile,
+    Soak,
+    SoakSample,
+    Throughput,
+)
 
 
 @dataclass
@@ -77,13 +87,7 @@ def throughput(
     peak_rss = _watch_rss(worker.pid, bench.window)
     after = {name: usage(pid) for name, pid in procs.items()}
     machine1, w1 = system_cpu(), time.time_ns()
-    prof = None
-    if profile_seconds > 0:
-        bench.log(f"throughput: profiling the worker with py-spy for {profile_seconds:.0f} s")
-        try:
-            prof = profile.record(worker.pid, profile_seconds, bench.out / "worker-profile")
-        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            bench.log(f"throughput: no profile ({exc})")
+    prof = _profile(bench, worker.pid, profile_seconds, "full-speed")
     bench.log("throughput: stop command under full load")
     lifecycle = worker.stop()
     samples = offsets.finish()
@@ -100,6 +104,19 @@ def throughput(
         hwm_kib=after["worker"].hwm_kib,
     )
     return result, lifecycle, prof
+
+
+def _profile(bench: Bench, pid: int, seconds: float, label: str) -> Profile | None:
+    """py-spy samples of the worker for ``seconds`` (none when 0), after a measured window:
+    sampling pauses the process, so it must not overlap one."""
+    if seconds <= 0:
+        return None
+    bench.log(f"{label}: profiling the worker with py-spy for {seconds:.0f} s")
+    try:
+        return profile.record(pid, seconds, bench.out / f"profile-{label}")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        bench.log(f"{label}: no profile ({exc})")
+        return None
 
 
 def _watch_rss(pid: int, seconds: float) -> int:
@@ -128,7 +145,7 @@ def _interpolate(samples: list[Any], at_ns: int) -> float:
 
 
 def freshness(
-    bench: Bench, emulator: Emulator, rates: list[float]
+    bench: Bench, emulator: Emulator, rates: list[float], *, profile_seconds: float = 0.0
 ) -> tuple[list[Phase], Lifecycle]:
     """One worker, the firehose stepped through ``rates``; every candle timed end to end."""
     kafka = bench.kafka
@@ -140,7 +157,7 @@ def freshness(
     worker.result.first_ns = consumer.first()
     procs = {"worker": worker.pid, "consumer": consumer.child.pid,
              "emulator": emulator.child.pid, "broker": kafka.broker.pid}  # fmt: skip
-    windows: list[tuple[float, int, int, dict[str, float]]] = []
+    windows: list[tuple[float, int, int, dict[str, float], Profile | None]] = []
     for rate in rates:
         bench.log(f"freshness: {rate:,.0f} frames/s, all closing")
         emulator.rate(rate)
@@ -149,7 +166,8 @@ def freshness(
         settle(bench.window)
         after, machine1, w1 = _usages(procs), system_cpu(), time.time_ns()
         cpu = {name: after[name] - before[name] for name in procs}
-        windows.append((rate, w0, w1, cpu | {"machine": machine1 - machine0}))
+        prof = _profile(bench, worker.pid, profile_seconds, f"freshness-{rate:.0f}")
+        windows.append((rate, w0, w1, cpu | {"machine": machine1 - machine0}, prof))
     # Back to a trickle so what the last window sent is through before the stop.
     emulator.rate(rates[0])
     settle(2.0)
@@ -161,7 +179,7 @@ def freshness(
         symbol, interval = key.rsplit("-", 1)
         seen.setdefault((f"{symbol.lower()}@kline_{interval}", open_time), (recv_ns, create_ms))
     phases = []
-    for rate, w0, w1, cpu in windows:
+    for rate, w0, w1, cpu, prof in windows:
         in_window = sorted((ns, k) for k, ns in sent.items() if w0 <= ns < w1)
         timed = [(ns, seen[k]) for ns, k in in_window if k in seen]
         phases.append(
@@ -177,6 +195,7 @@ def freshness(
                 emulator_cpu=cpu["emulator"],
                 broker_cpu=cpu["broker"],
                 machine_cpu=cpu["machine"],
+                profile=prof,
             )
         )
     return phases, lifecycle
@@ -223,6 +242,84 @@ def idle(bench: Bench) -> tuple[Idle, Lifecycle]:
             rss_kib=u1.rss_kib, hwm_kib=u1.hwm_kib, cpu_share=(u1.cpu - u0.cpu) / (u1.at - u0.at)
         )
         return result, worker.stop()
+    finally:
+        emulator.end()
+
+
+# --------------------------------------------------------------------------- cadence
+
+
+def cadence(bench: Bench, interval: str, window: float, *, profile_seconds: float = 0.0) -> Cadence:
+    """``bench.streams`` streams of ``interval`` on the emulator's market clock at Binance's
+    pace: every stream's frame comes at the same instants (a burst every 2 s for 1m, in-progress
+    updates included, which CANDLES=closed drops; every second for 1s, all closing)."""
+    bench.log(f"cadence: {bench.streams} streams of {interval} at Binance's pace, {window:.0f} s")
+    emulator = Emulator(bench.procs, f"emulator-clock-{interval}", "--clock",
+                        "--synthetic", str(bench.streams))  # fmt: skip
+    try:
+        topics = bench.kafka.topics(f"cadence-{interval}")
+        worker = Worker(bench.procs, bench.kafka, f"cadence-{interval}", emulator.url,
+                        symbols(bench.streams), topics, interval=interval,
+                        metrics=True)  # fmt: skip
+        worker.wait_started()
+        settle(bench.warmup)
+        procs = {"worker": worker.pid, "emulator": emulator.child.pid,
+                 "broker": bench.kafka.broker.pid}  # fmt: skip
+        c0, u0, machine0 = worker.counters(), _usages(procs), system_cpu()
+        t0 = time.monotonic()
+        settle(window)
+        c1, u1, machine1 = worker.counters(), _usages(procs), system_cpu()
+        t1 = time.monotonic()
+        used = {name: u1[name] - u0[name] for name in procs}
+        result = Cadence(
+            interval=interval,
+            streams=bench.streams,
+            window=t1 - t0,
+            worker_cpu=used["worker"],
+            frames=round(c1["frames_received"] - c0["frames_received"]),
+            candles=round(c1["candles_acknowledged"] - c0["candles_acknowledged"]),
+            others_cpu=machine1 - machine0 - sum(used.values()),
+            rss_kib=usage(worker.pid).rss_kib,
+            profile=_profile(bench, worker.pid, profile_seconds, f"cadence-{interval}"),
+        )
+        worker.stop()
+        return result
+    finally:
+        emulator.end()
+
+
+# --------------------------------------------------------------------------- soak
+
+
+def soak(bench: Bench, seconds: float, rate: float, every: float = 5.0) -> Soak:
+    """One worker on the firehose at ``rate`` frames/s (all closing, spread evenly) for
+    ``seconds``, resident memory sampled every ``every`` s; written out as it goes."""
+    bench.log(f"soak: {bench.streams} streams, {rate:,.0f} candles/s for {seconds / 60:.0f} min")
+    emulator = Emulator(bench.procs, "emulator-soak", "--synthetic", str(bench.streams),
+                        "--rate", str(rate))  # fmt: skip
+    try:
+        topics = bench.kafka.topics("soak")
+        worker = Worker(bench.procs, bench.kafka, "soak", emulator.url, symbols(bench.streams),
+                        topics, metrics=True)  # fmt: skip
+        worker.wait_started()
+        result = Soak(streams=bench.streams, rate=rate, seconds=seconds, samples=[])
+        spawned = worker.child.spawned_ns / 1e9
+        end = time.monotonic() + seconds
+        progress = bench.out / "soak.json"
+        while time.monotonic() < end:
+            settle(every)
+            u = usage(worker.pid)
+            acknowledged = round(worker.counters()["candles_acknowledged"])
+            at = time.time() - spawned
+            result.samples.append(SoakSample(at, u.rss_kib, u.cpu, acknowledged))
+            if len(result.samples) % 12 == 0:
+                save(progress, result)
+                last = result.samples[-1]
+                bench.log(f"soak: {at / 60:.1f} min, RSS {last.rss_kib / 1024:.1f} MiB, "
+                          f"{acknowledged:,} candles")  # fmt: skip
+        result.lifecycle = worker.stop()
+        save(progress, result)
+        return result
     finally:
         emulator.end()
 

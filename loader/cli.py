@@ -14,6 +14,7 @@ import trio
 
 from loader import logs
 from loader.errors import FatalError
+from loader.malloc import limit_arenas
 from loader.settings import ConfigError, Settings, load_settings
 from loader.worker import Outcome, Worker, run
 
@@ -55,6 +56,7 @@ async def serve(settings: Settings) -> int:
 
 
 def main() -> None:
+    limit_arenas()  # before any thread starts: the arenas are per thread
     try:
         settings = load_settings()
     except ConfigError as exc:

@@ -26,7 +26,11 @@ from loader.stats import Stats
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-POLL_MS = 200
+# Each poll costs the consumer about a millisecond of Python; at 200 ms it was over half of an
+# idle worker's CPU. A stop command still ends a poll at once (the broker answers a fetch as
+# soon as a record arrives); only a stop from elsewhere (SIGTERM, STOP_AT) waits for the poll
+# in progress, at most this long, within a shutdown budget of seconds.
+POLL_MS = 1000
 # A poll stuck on a dead broker holds up the end of the run until this expires.
 REQUEST_TIMEOUT = 3.0
 TOPIC_RETRY = 2.0
@@ -64,7 +68,9 @@ async def watch_control(
 ) -> None:
     """Report ready once positioned; call `stop` on the first stop command for our queue."""
     consumer = await trio.to_thread.run_sync(
-        lambda: open_consumer(settings.kafka, timeout=30.0, request_timeout=REQUEST_TIMEOUT)
+        lambda: open_consumer(
+            settings.kafka, timeout=30.0, request_timeout=REQUEST_TIMEOUT, fetch_max_wait_ms=POLL_MS
+        )
     )
     decode = msgspec.json.Decoder(ControlCommand).decode
     bad = ThrottledLog(log)

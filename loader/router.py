@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterable
 
 import trio
 
-from loader.binance import BadFrame, Kline, KlineEvent, stream_name, to_candle
+from loader.binance import BadFrame, Kline, KlineEvent, KlineUpdateEvent, RecordEncoder, stream_name
 from loader.guard import Gap, StreamGuard
 from loader.intervals import count_between
 from loader.logs import ThrottledLog
-from loader.schema import Candle
+from loader.schema import Record
 from loader.settings import Settings
 from loader.stats import Stats
 
@@ -36,7 +36,7 @@ class Router:
     def __init__(
         self,
         settings: Settings,
-        candles: trio.MemorySendChannel[Candle],
+        candles: trio.MemorySendChannel[Record],
         stats: Stats,
         *,
         resume: dict[Stream, int] | None = None,
@@ -53,6 +53,8 @@ class Router:
         for stream in settings.streams if streams is None else streams:
             self.add(stream, resume.get(stream, -1))
         self.all_candles = settings.all_candles
+        # Each candle's Kafka record, built once here: value bytes, key cached per stream.
+        self.encode = RecordEncoder(with_state=settings.all_candles)
         # The latest event time seen: Binance's clock, as far as we know it.
         self.latest_event_ms = 0
         self._watch_ms = NEVER
@@ -84,8 +86,9 @@ class Router:
         """Stop guarding a stream (delisted): its frames, if any still come, are skipped."""
         self.guards.pop(stream, None)
 
-    async def kline(self, event: KlineEvent) -> None:
-        """One frame of the current connection (hot path)."""
+    async def kline(self, event: KlineEvent | KlineUpdateEvent) -> None:
+        """One frame of the current connection (hot path). With CANDLES=closed an in-progress
+        update comes only looked at (`KlineUpdateEvent`): enough to reveal a gap."""
         k = event.kline
         stream = (k.symbol, k.interval)
         guard = self.guards.get(stream)
@@ -101,10 +104,11 @@ class Router:
         if gap is not None:
             self.gap(stream, guard, gap)
         if k.is_closed:
+            assert isinstance(event, KlineEvent)  # the look never stands in for a closed one
             self.stats.candles_received += 1
             verdict = guard.closed(k.open_time)
             if verdict == "publish":
-                await self.publish(guard, k)
+                await self.publish(guard, event.kline)
             elif verdict == "hold":
                 evicted = guard.evicted
                 guard.hold(k.open_time, event_time, event)
@@ -112,7 +116,8 @@ class Router:
             else:
                 self.stats.duplicates_dropped += 1
         elif self.all_candles:
-            self._update(guard, k, event_time)
+            assert isinstance(event, KlineEvent)  # decoded in full with CANDLES=all
+            self._update(guard, event.kline, event_time)
 
     def _update(self, guard: Guard, k: Kline, event_time: int) -> None:
         if not guard.update(k.open_time, event_time):
@@ -120,7 +125,7 @@ class Router:
                 self.stats.duplicates_dropped += 1
             return
         try:
-            candle = to_candle(k, with_state=True)
+            candle = self.encode(k)
         except BadFrame as bad:
             self.skip(bad.kind, str(bad))
             return
@@ -144,7 +149,7 @@ class Router:
         """Send a closed candle the guard admitted; the guard moves only once it is in the
         channel, so a send cancelled by a rotation leaves it to the next publisher."""
         try:
-            candle = to_candle(k, with_state=self.all_candles)
+            candle = self.encode(k)
         except BadFrame as bad:
             # Left out, the candle is a gap the stream's next frame reveals and history fills.
             self.skip(bad.kind, str(bad))

@@ -8,6 +8,9 @@ import msgspec
 
 Status = Literal["started", "loading", "interrupted", "error", "finished"]
 
+# What the reader hands the Kafka sink: (key, value), both built once on the Trio side.
+Record = tuple[bytes, bytes]
+
 
 class Candle(msgspec.Struct, frozen=True, omit_defaults=True):
     """One candle on `KAFKA_TOPIC`; prices and volumes are JSON numbers with Binance's digits."""

@@ -32,6 +32,7 @@ from loader.binance import (
     BadFrame,
     FrameDecoder,
     KlineEvent,
+    KlineUpdateEvent,
     ServerShutdown,
     stream_name,
     stream_path,
@@ -41,7 +42,7 @@ from loader.history import HistoryClient
 from loader.intervals import candle_open
 from loader.listings import Listing, follow_listings
 from loader.router import Router, Stream
-from loader.schema import Candle
+from loader.schema import Record
 from loader.settings import Settings
 from loader.shards import ConnectionPlan, rotation_offsets, subscribe_schedule
 from loader.stats import Stats
@@ -83,7 +84,9 @@ class Connection:
         self.idle_since = self.connected_at
         self.first_frame = trio.Event()
         # Frames a replacement reads before it is promoted to publish them.
-        self.pending: collections.deque[KlineEvent] = collections.deque(maxlen=PENDING_LIMIT)
+        self.pending: collections.deque[KlineEvent | KlineUpdateEvent] = collections.deque(
+            maxlen=PENDING_LIMIT
+        )
         # Set while a replacement waits for a frame, so promotion can interrupt the wait.
         self.promotion: trio.CancelScope | None = None
         self.retire = trio.Event()
@@ -201,7 +204,9 @@ class Lane:
         conn = Connection(next(source.numbers))
         streams = list(self.streams)
         path = stream_path(streams[:URL_STREAMS]) if streams else "/ws"
-        decoder = FrameDecoder(combined=path.startswith("/stream"))
+        decoder = FrameDecoder(
+            combined=path.startswith("/stream"), updates=self.source.settings.all_candles
+        )
         outbox, requests = trio.open_memory_channel[tuple[str, list[str]]](math.inf)
         with conn.scope:
             async with trio_websocket.open_websocket_url(
@@ -371,7 +376,7 @@ class Source:
     def __init__(
         self,
         settings: Settings,
-        candles: trio.MemorySendChannel[Candle],
+        candles: trio.MemorySendChannel[Record],
         stats: Stats,
         *,
         resume: dict[Stream, int] | None = None,
@@ -472,7 +477,7 @@ class Source:
                 del self.lanes[number]
                 lane.close()
 
-    async def kline(self, event: KlineEvent) -> None:
+    async def kline(self, event: KlineEvent | KlineUpdateEvent) -> None:
         """Publish one kline event if it moves its stream forward (a gap goes to the
         backfiller)."""
         await self.router.kline(event)

@@ -33,7 +33,7 @@ from loader.kafka import KafkaFailure, aclose, describe, open_producer, publish_
 from loader.listings import initial_streams
 from loader.metrics import Metrics, serve_metrics
 from loader.resume import resume_points
-from loader.schema import Candle, Status
+from loader.schema import Record, Status
 from loader.settings import Settings
 from loader.shards import summary
 from loader.sink import KafkaSink
@@ -168,7 +168,7 @@ async def run(
     """
     worker = worker or Worker(settings)
     producer = await _bootstrap(worker)
-    candles_in, candles_out = trio.open_memory_channel[Candle](settings.channel_size)
+    candles_in, candles_out = trio.open_memory_channel[Record](settings.channel_size)
     worker.metrics = Metrics(
         worker.stats,
         lambda: candles_out.statistics().current_buffer_used,
@@ -223,8 +223,8 @@ async def _bootstrap(worker: Worker) -> KafkaProducer:
 async def _run(
     worker: Worker,
     sink: KafkaSink,
-    candles_in: trio.MemorySendChannel[Candle],
-    candles_out: trio.MemoryReceiveChannel[Candle],
+    candles_in: trio.MemorySendChannel[Record],
+    candles_out: trio.MemoryReceiveChannel[Record],
     started: Callable[[], None],
 ) -> Outcome:
     """`started`, then the nursery (sink, control, source, telemetry); then drain and the

@@ -14,6 +14,8 @@ from loader.binance import (
     BadFrame,
     FrameDecoder,
     KlineEvent,
+    KlineUpdate,
+    RecordEncoder,
     ServerShutdown,
     next_open_time,
     stream_name,
@@ -146,6 +148,78 @@ def test_in_progress_updates_carry_their_state_only_when_asked() -> None:
     assert isinstance(event, KlineEvent)
     assert b"is_closed" not in msgspec.json.encode(to_candle(event.kline))
     assert json.loads(msgspec.json.encode(to_candle(event.kline, with_state=True)))["is_closed"]
+
+
+@pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_records_are_the_candles_encoded_with_their_stream_as_key(
+    path: Path, with_state: bool
+) -> None:
+    decoder, encode = FrameDecoder(combined=True), RecordEncoder(with_state=with_state)
+    klines = [e.kline for f in frames(path) if '"e":"kline"' in f
+              if isinstance(e := decoder.decode(f), KlineEvent)]  # fmt: skip
+    assert klines
+    for k in klines:
+        key, value = encode(k)
+        assert key == f"{k.symbol}-{k.interval}".encode()
+        assert value == msgspec.json.encode(to_candle(k, with_state=with_state))
+
+
+@pytest.mark.parametrize("number", ["NaN", "1e", "+1", ".5", "1,5", ""])
+def test_records_refuse_numbers_that_are_not_json_numbers(number: str) -> None:
+    event = FrameDecoder(combined=False).decode(KLINE % number)
+    assert isinstance(event, KlineEvent)
+    with pytest.raises(BadFrame) as caught:
+        RecordEncoder()(event.kline)
+    assert caught.value.kind == "invalid_number"
+    assert repr(number) in str(caught.value)
+
+
+@pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.name)
+def test_closed_only_decoding_looks_at_updates_and_decodes_the_rest(path: Path) -> None:
+    full, closed_only = FrameDecoder(combined=True), FrameDecoder(combined=True, updates=False)
+    looked = 0
+    for frame in frames(path):
+        try:
+            expected: object = full.decode(frame)
+        except BadFrame as bad:
+            expected = bad.kind
+        try:
+            got: object = closed_only.decode(frame)
+        except BadFrame as bad:
+            got = bad.kind
+        if isinstance(expected, KlineEvent) and not expected.kline.is_closed:
+            k = expected.kline
+            assert got == KlineUpdate(k.open_time, k.symbol, k.interval, is_closed=False)
+            looked += 1
+        else:
+            assert got == expected
+    assert looked > 0
+
+
+@pytest.mark.parametrize(
+    ("frame", "kind"),
+    [
+        # Looks like an update, but is no kline event: the full decode classifies it.
+        ('{"e":"24hrTicker","E":1,"k":{"t":0,"s":"X","i":"1m","x":false}}', "unknown_event"),
+        ('{"e":"kline","E":1,"s":"BTCUSDT","k":{"t":"soon","x":false}}', "invalid_kline"),
+        ('{"e":"kline","x":false,', "invalid_json"),
+    ],
+)
+def test_closed_only_decoding_classifies_what_only_looks_like_an_update(
+    frame: str, kind: str
+) -> None:
+    with pytest.raises(BadFrame) as caught:
+        FrameDecoder(combined=False, updates=False).decode(frame)
+    assert caught.value.kind == kind
+
+
+def test_closed_only_decoding_never_drops_a_closed_kline() -> None:
+    # "x":false elsewhere in the frame, the kline itself closed: decoded in full.
+    frame = (KLINE % "1").replace('"B":"0"', '"B":"0","extra":{"x":false}')
+    event = FrameDecoder(combined=False, updates=False).decode(frame)
+    assert isinstance(event, KlineEvent)
+    assert event.kline.is_closed
 
 
 def test_stream_names_and_paths() -> None:

@@ -8,7 +8,7 @@ import trio
 import trio.testing
 
 from loader.binance import Kline, KlineEvent
-from loader.schema import Candle
+from loader.schema import Candle, Record
 from loader.settings import load_settings
 from loader.source import Backoff, Source
 from loader.stats import Stats
@@ -34,13 +34,13 @@ def event(open_time: int, *, closed: bool = True, symbol: str = "BTCUSDT", price
 
 async def published(events: list[KlineEvent], **env: str) -> tuple[list[Candle], Stats]:
     settings = load_settings({**SETTINGS_ENV, **env})
-    send, receive = trio.open_memory_channel[Candle](100)
+    send, receive = trio.open_memory_channel[Record](100)
     stats = Stats()
     source = Source(settings, send, stats, resume={("BTCUSDT", "1m"): 0})
     for e in events:
         await source.kline(e)
     send.close()
-    return [c async for c in receive], stats
+    return [msgspec.json.decode(value, type=Candle) async for _, value in receive], stats
 
 
 @pytest.mark.anyio
