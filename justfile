@@ -134,8 +134,9 @@ run: sync
     exec uv run python -m loader.testing.demo
 
 # Benchmark end to end, a few minutes; writes docs/benchmarks.md and docs/freshness.png (args: --no-docs --window 5 ...).
-# Then the whole-market scenario (bench/market.py), in its own section of docs/benchmarks.md.
+# Then the whole-market scenario (bench/market.py) and the history path's (bench/gaps.py), each in its own section of docs/benchmarks.md.
 [positional-arguments]
 bench *args: sync
     BENCH_COMMAND="just bench $*" uv run python -m bench.run "$@"
     uv run python -m bench.market "$@"
+    uv run python -m bench.gaps "$@"
