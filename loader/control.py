@@ -53,7 +53,9 @@ async def _retrying(bad: ThrottledLog, fn: Callable[..., T], *args: object) -> T
     to stop watching, and a lasting outage ends the run through the sink's delivery timeout."""
     while True:
         try:
-            return await trio.to_thread.run_sync(fn, *args)
+            # Abandoned on cancellation: kafka-python's metadata wait has no timeout, and a
+            # thread stuck on a frozen broker must not hold the run past its shutdown budget.
+            return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
         except KafkaError as exc:
             bad.warning("control_unavailable", f"control topic unreadable ({exc}); retrying")
         await trio.sleep(TOPIC_RETRY)
