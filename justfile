@@ -133,8 +133,7 @@ run: sync
     fi
     exec uv run python -m loader.testing.demo
 
-# Benchmark end to end, a few minutes; writes docs/benchmarks.md and docs/freshness.png (args: --no-docs --window 5 ...).
-# Then the whole-market scenario (bench/market.py) and the history path's (bench/gaps.py), each in its own section of docs/benchmarks.md.
+# Benchmark end to end (about 35 min; --soak 0 skips the soak): docs/benchmarks.md and its plots, then the whole-market and history-path scenarios, each in its own section there.
 [positional-arguments]
 bench *args: sync
     BENCH_COMMAND="just bench $*" uv run python -m bench.run "$@"
