@@ -15,6 +15,7 @@ from loader.binance import (
     FrameDecoder,
     KlineEvent,
     KlineUpdate,
+    KlineUpdateEvent,
     RecordEncoder,
     ServerShutdown,
     next_open_time,
@@ -190,7 +191,9 @@ def test_closed_only_decoding_looks_at_updates_and_decodes_the_rest(path: Path) 
             got = bad.kind
         if isinstance(expected, KlineEvent) and not expected.kline.is_closed:
             k = expected.kline
-            assert got == KlineUpdate(k.open_time, k.symbol, k.interval, is_closed=False)
+            update = KlineUpdate(k.open_time, k.symbol, k.interval, is_closed=False)
+            # The look keeps the event time too: it is what a gap is measured from.
+            assert got == KlineUpdateEvent("kline", expected.event_time, update)
             looked += 1
         else:
             assert got == expected
