@@ -169,18 +169,6 @@ async def test_stop_command_while_running(kafka: KafkaBroker) -> None:
     assert events[-1]["records_written"] == outcome.records_written
 
 
-async def test_stop_sent_before_start(kafka: KafkaBroker) -> None:
-    topic = await trio.to_thread.run_sync(kafka.new_topic, "stop-early")
-    async with open_emulator(FAST) as emulator:
-        settings = worker_settings(kafka, emulator, topic)
-        stop = msgspec.json.encode({"command": "stop", "queue_id": settings.queue_id})
-        await trio.to_thread.run_sync(produce, kafka, settings.queue_control_topic, [stop])
-        async with running_worker(settings) as worker:
-            outcome = await worker.finished()
-    assert (outcome.status, outcome.exit_code) == ("interrupted", 0)
-    assert "stop command" in outcome.message
-
-
 async def test_unreachable_kafka_fails_clearly(kafka: KafkaBroker) -> None:
     async with open_emulator(FAST) as emulator:
         settings = worker_settings(
