@@ -261,21 +261,26 @@ def free_ports(count: int) -> list[int]:
         return [sock.getsockname()[1] for sock in socks]
 
 
-@contextlib.contextmanager
-def private_broker(home: Path) -> Iterator[KafkaBroker]:
-    """A broker of the caller's own, in `home` on free ports; stopped (and checked gone)
-    afterwards. Reuses the shared broker's jars, so it costs one JVM start."""
+def private_home(home: Path) -> dict[str, str]:
+    """The LOADER_KAFKA_* variables for a broker of its own in `home`, on free ports, with the
+    shared broker's jars lent to it (when they are fetched) so it costs no download."""
+    home.mkdir(parents=True, exist_ok=True)
+    if _BROKER_MODULE.jars_present(_BROKER_MODULE.Layout()):
+        (home / "libs").symlink_to(_BROKER_MODULE.Layout().libs, target_is_directory=True)
     plaintext, sasl_ssl, controller = free_ports(3)
-    env = {
+    return {
         "LOADER_KAFKA_HOME": str(home),
         "LOADER_KAFKA_PLAINTEXT_PORT": str(plaintext),
         "LOADER_KAFKA_SASL_SSL_PORT": str(sasl_ssl),
         "LOADER_KAFKA_CONTROLLER_PORT": str(controller),
     }
-    shared_libs = _BROKER_MODULE.Layout().libs
-    if _BROKER_MODULE.jars_present(_BROKER_MODULE.Layout()):
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "libs").symlink_to(shared_libs, target_is_directory=True)
+
+
+@contextlib.contextmanager
+def private_broker(home: Path) -> Iterator[KafkaBroker]:
+    """A broker of the caller's own, in `home` on free ports; stopped (and checked gone)
+    afterwards. Reuses the shared broker's jars, so it costs one JVM start."""
+    env = private_home(home)
     broker = start_local_broker(env)
     try:
         yield broker

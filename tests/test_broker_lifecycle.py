@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kafka_broker import free_ports, load_broker_module, run_broker_script
+from kafka_broker import load_broker_module, private_home, run_broker_script
 
 broker_py = load_broker_module()
 
@@ -35,24 +35,17 @@ os.execv(os.environ["WRAPPER_JAVA"], [os.environ["WRAPPER_JAVA"], *args])
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
-    shared_libs = broker_py.Layout().libs
-    if broker_py.jars_present(broker_py.Layout()):
-        (tmp_path / "libs").symlink_to(shared_libs, target_is_directory=True)
     return tmp_path
 
 
 @pytest.fixture
 def env(home: Path) -> Iterator[dict[str, str]]:
     """kafka/broker.py on `home` and free ports, its java behind the slow wrapper."""
+    values = private_home(home)
     wrapper = home / "slow-java"
     wrapper.write_text(f"#!{sys.executable}\n{WRAPPER}")
     wrapper.chmod(0o755)
-    plaintext, sasl_ssl, controller = free_ports(3)
-    values = {
-        "LOADER_KAFKA_HOME": str(home),
-        "LOADER_KAFKA_PLAINTEXT_PORT": str(plaintext),
-        "LOADER_KAFKA_SASL_SSL_PORT": str(sasl_ssl),
-        "LOADER_KAFKA_CONTROLLER_PORT": str(controller),
+    values |= {
         "LOADER_KAFKA_JAVA": str(wrapper),
         "WRAPPER_JAVA": broker_py.java_command(),
         "WRAPPER_DELAY": "2",
