@@ -127,6 +127,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     shard_count: int = 1
     shard_index: int = 0
     streams_per_connection: int = 200
+    # A busy connection is read once per this many seconds (0: every frame as it comes).
+    coalesce: float = 0.010
     # How often exchangeInfo is read again to follow listings and delistings.
     symbols_refresh: float = 3600.0
 
@@ -199,6 +201,13 @@ class _Reader:
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if not math.isfinite(value) or value <= 0:
+        raise ValueError(raw)
+    return value
+
+
+def _milliseconds(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value <= 100:
         raise ValueError(raw)
     return value
 
@@ -340,6 +349,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "STREAMS_PER_CONNECTION", 200, _per_connection, "a whole number from 1 to 1024"
         ),
         symbols_refresh=_seconds(r, "SYMBOLS_REFRESH", 3600.0),
+        coalesce=r.parse(
+            "COALESCE_MS", 10.0, _milliseconds, "a number of milliseconds from 0 to 100"
+        )
+        / 1000,
     )
     if r.problems:
         raise ConfigError(r.problems)

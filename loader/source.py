@@ -41,6 +41,7 @@ from loader.errors import FatalError
 from loader.history import HistoryClient
 from loader.intervals import candle_open
 from loader.listings import Listing, follow_listings
+from loader.pacing import pace
 from loader.router import Router, Stream
 from loader.schema import Record
 from loader.settings import Settings
@@ -218,6 +219,7 @@ class Lane:
                 connect_timeout=10,
                 disconnect_timeout=2,
             ) as ws:
+                pace(ws, source.settings.coalesce)
                 conn.connected_at = trio.current_time()
                 # The streams not in the URL, and any the lane adds from now on.
                 self.open[conn] = outbox

@@ -32,6 +32,12 @@ def test_defaults() -> None:
     assert s.stop_grace == 10.0
     assert (s.termination_grace, s.shutdown_budget) == (30.0, 25.0)
     assert not s.all_candles
+    assert s.coalesce == 0.010
+
+
+def test_coalescing_is_in_milliseconds_and_zero_turns_it_off() -> None:
+    assert load_settings({**MINIMAL, "COALESCE_MS": "2.5"}).coalesce == 0.0025
+    assert load_settings({**MINIMAL, "COALESCE_MS": "0"}).coalesce == 0.0
 
 
 def test_streams_are_every_symbol_interval_pair_in_lowercase_names() -> None:
@@ -95,16 +101,17 @@ def test_every_problem_is_named_at_once() -> None:
                 "METRICS_PORT": "70000",
                 "BINANCE_WS_URL": "http://example",
                 "KAFKA_TOPIC": "bad topic",
+                "COALESCE_MS": "1e3",
             }
         )
     text = str(caught.value)
     for needle in [
         "QUEUE_ID", "TELEMETRY_PRODUCER_ID", "'BTC-USDT'", "'2m'", "KAFKA_PASSWORD_PRODUCER",
         "CA_PATH", "STOP_AT", "CANDLES", "TELEMETRY_INTERVAL", "METRICS_PORT", "BINANCE_WS_URL",
-        "KAFKA_TOPIC",
+        "KAFKA_TOPIC", "COALESCE_MS",
     ]:  # fmt: skip
         assert needle in text
-    assert len(caught.value.problems) == 12
+    assert len(caught.value.problems) == 13
 
 
 def test_more_streams_than_one_connection_carries() -> None:
