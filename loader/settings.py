@@ -128,7 +128,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     shard_index: int = 0
     streams_per_connection: int = 200
     # A busy connection is read once per this many seconds (0: every frame as it comes).
-    coalesce: float = 0.0
+    coalesce: float = 0.010
     # How often exchangeInfo is read again to follow listings and delistings.
     symbols_refresh: float = 3600.0
 
@@ -350,7 +350,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         symbols_refresh=_seconds(r, "SYMBOLS_REFRESH", 3600.0),
         coalesce=r.parse(
-            "COALESCE_MS", 0.0, _milliseconds, "a number of milliseconds from 0 to 100"
+            "COALESCE_MS", 10.0, _milliseconds, "a number of milliseconds from 0 to 100"
         )
         / 1000,
     )

@@ -32,12 +32,12 @@ def test_defaults() -> None:
     assert s.stop_grace == 10.0
     assert (s.termination_grace, s.shutdown_budget) == (30.0, 25.0)
     assert not s.all_candles
-    assert s.coalesce == 0.0  # off: see docs/benchmarks.md, 'Read pacing'
+    assert s.coalesce == 0.010
 
 
-def test_coalescing_is_in_milliseconds() -> None:
+def test_coalescing_is_in_milliseconds_and_zero_turns_it_off() -> None:
     assert load_settings({**MINIMAL, "COALESCE_MS": "2.5"}).coalesce == 0.0025
-    assert load_settings({**MINIMAL, "COALESCE_MS": "10"}).coalesce == 0.010
+    assert load_settings({**MINIMAL, "COALESCE_MS": "0"}).coalesce == 0.0
 
 
 def test_streams_are_every_symbol_interval_pair_in_lowercase_names() -> None:
