@@ -68,12 +68,12 @@ class PacedStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         pacer = self.pacer
-        now = trio.current_time()
-        at = pacer.read_at(now)
-        if at > now:
+        started = trio.current_time()
+        at = pacer.read_at(started)
+        if at > started:
             self.paced += 1
             await trio.sleep_until(at)
-        started = trio.current_time()
+            started = trio.current_time()
         data = await self.stream.receive_some(max_bytes)
         self.reads += 1
         full = max_bytes is not None and len(data) >= max_bytes
