@@ -18,7 +18,15 @@ import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from loader.testing import Emulator, EmulatorConfig, Recording, load_recordings, open_emulator
+from loader.testing import (
+    FIXTURES_ENV,
+    Emulator,
+    EmulatorConfig,
+    Recording,
+    fixtures_dir,
+    load_recordings,
+    open_emulator,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -27,7 +35,13 @@ RECORDINGS = load_recordings()
 
 
 def recording(name: str) -> Recording:
-    return next(r for r in RECORDINGS if name in r.name)
+    found = [r for r in RECORDINGS if name in r.name]
+    if not found:
+        raise RuntimeError(
+            f"no recorded Binance session named {name!r} in {fixtures_dir()}: clone the "
+            f"repository beside shared/, or point {FIXTURES_ENV} at shared/fixtures/binance"
+        )
+    return found[0]
 
 
 US = recording("binance-us")
