@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from decimal import Decimal
 from pathlib import Path
 
@@ -23,12 +22,9 @@ from loader.binance import (
     stream_path,
     to_candle,
 )
+from loader.testing import fixtures_dir
 
-FIXTURES = Path(
-    os.environ.get(
-        "BINANCE_FIXTURES", Path(__file__).resolve().parents[2] / "shared/fixtures/binance"
-    )
-)
+FIXTURES = fixtures_dir()
 RECORDINGS = sorted(FIXTURES.glob("*.ws"))
 CANDLE_FIELDS = [
     "open_time", "open", "high", "low", "close", "volume", "close_time", "quote_asset_volume",
