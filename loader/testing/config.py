@@ -15,6 +15,9 @@ from loader.testing.replay import Recording
 __all__ = ["EmulatorConfig"]
 
 
+FIREHOSE_HISTORY_MS = 365 * 86_400_000
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EmulatorConfig:
     """How the emulator behaves. Defaults are Binance's; tests shorten the timers.
@@ -116,7 +119,14 @@ class EmulatorConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     def resolved_start_ms(self) -> int:
-        """``start_ms``, or now floored to the minute."""
+        """``start_ms``, or now floored to the minute; in firehose mode a year before that.
+
+        The firehose's candle times advance far faster than the wall clock: starting a year
+        back, its flood is a backlog of candles that did close (over half a million per 1m
+        stream before they would reach the present), which a client that checks a frame's
+        times against its clock takes as real.
+        """
         if self.start_ms is not None:
             return self.start_ms
-        return time.time_ns() // 60_000_000_000 * 60_000
+        now = time.time_ns() // 60_000_000_000 * 60_000
+        return now - FIREHOSE_HISTORY_MS if self.firehose is not None else now

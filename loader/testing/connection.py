@@ -38,6 +38,7 @@ from loader.testing import faults, wire
 from loader.testing.config import EmulatorConfig
 from loader.testing.limits import IpLimits, Refusal
 from loader.testing.publisher import Publisher, Signal
+from loader.testing.records import HeldStream
 from loader.testing.replay import (
     RecordedFrame,
     Recording,
@@ -161,7 +162,10 @@ class Connection:
     """Serves one accepted TCP connection until either side ends it."""
 
     def __init__(
-        self, hub: Hub, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+        self,
+        hub: Hub,
+        stream: trio.SocketStream | trio.SSLStream[HeldStream],
+        records: HeldStream | None = None,
     ) -> None:
         self.hub = hub
         self.config = hub.config
@@ -172,7 +176,8 @@ class Connection:
         self.micros = False
         self.session: ApiSession | None = None
         self._stream = stream
-        # Over wss the socket is under the TLS stream.
+        # Over wss: the socket under the TLS stream, which sends a record per message.
+        self._records = records
         transport = getattr(stream, "transport_stream", stream)
         try:
             self.ip = str(transport.socket.getpeername()[0])
@@ -248,9 +253,8 @@ class Connection:
                 self.hub.changed.notify()
             if self._reset:
                 # SO_LINGER with a zero timeout turns close() into a TCP reset.
-                tcp = self._stream
-                if isinstance(tcp, trio.SSLStream):
-                    tcp = tcp.transport_stream
+                tcp = self._stream if self._records is None else self._records.stream
+                assert isinstance(tcp, trio.SocketStream)
                 tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             await trio.aclose_forcefully(self._stream)
 
@@ -449,15 +453,25 @@ class Connection:
             while not self._out or self._stalled:
                 self._writer_idle = True
                 await self._wake.wait()
-            data = b"".join(self._out)
-            self._out.clear()
+            batch = self._out
+            self._out = []
             self._out_bytes = 0
             self._sending = True
             try:
-                await self._stream.send_all(data)
+                await self._send(batch)
             finally:
                 self._sending = False
             self._sent.notify()
+
+    async def _send(self, batch: list[bytes]) -> None:
+        if self._records is None:
+            await self._stream.send_all(b"".join(batch))
+            return
+        # Each message in a TLS record of its own, as Binance sends them; one write for all.
+        self._records.hold()
+        for message in batch:
+            await self._stream.send_all(message)
+        await self._records.release()
 
     # -- receiving ------------------------------------------------------------------------
 

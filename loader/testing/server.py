@@ -19,6 +19,7 @@ from loader.testing.publisher import (
     MarketClock,
     Publisher,
 )
+from loader.testing.records import HeldStream
 from loader.testing.replay import Recording
 
 __all__ = ["Emulator", "open_emulator", "serve_emulator"]
@@ -352,9 +353,9 @@ async def serve_emulator(
         else:
             # The TLS handshake runs on the first read, inside the WebSocket handshake's
             # timeout; a client that rejects the certificate is a client that went away.
-            await Connection(
-                hub, trio.SSLStream(stream, config.ssl_context, server_side=True)
-            ).run()
+            records = HeldStream(stream)
+            tls = trio.SSLStream(records, config.ssl_context, server_side=True)
+            await Connection(hub, tls, records).run()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(publisher.run)
