@@ -17,6 +17,9 @@ from kafka_broker import (
     stop_local_broker,
 )
 
+# The emulator over wss:// (fixtures `wss_ca`, `wss`).
+pytest_plugins = ["wss"]
+
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:

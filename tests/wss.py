@@ -1,0 +1,48 @@
+"""The emulator over wss://, as Binance serves its streams: a CA made for the test session,
+trusted by the process through OpenSSL's default trust store (`SSL_CERT_FILE`)."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+
+from loader.testing import EmulatorConfig
+
+
+@dataclass(frozen=True)
+class Wss:
+    """A test CA: server contexts for the emulator, client contexts that trust it."""
+
+    ca: trustme.CA
+    ca_file: Path
+
+    def serve(self, config: EmulatorConfig) -> EmulatorConfig:
+        """`config` serving wss:// with a certificate of this CA for 127.0.0.1."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+        return config.replace(ssl_context=context)
+
+    def client(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+
+@pytest.fixture(scope="session")
+def wss_ca(tmp_path_factory: pytest.TempPathFactory) -> Wss:
+    ca = trustme.CA()
+    ca_file = tmp_path_factory.mktemp("wss") / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return Wss(ca, ca_file)
+
+
+@pytest.fixture
+def wss(wss_ca: Wss, monkeypatch: pytest.MonkeyPatch) -> Iterator[Wss]:
+    """`wss_ca`, trusted by this process for the test (the service's default context)."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(wss_ca.ca_file))
+    yield wss_ca
