@@ -4,7 +4,6 @@ trusted by the process through OpenSSL's default trust store (`SSL_CERT_FILE`)."
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,7 @@ def wss_ca(tmp_path_factory: pytest.TempPathFactory) -> Wss:
 
 
 @pytest.fixture
-def wss(wss_ca: Wss, monkeypatch: pytest.MonkeyPatch) -> Iterator[Wss]:
+def wss(wss_ca: Wss, monkeypatch: pytest.MonkeyPatch) -> Wss:
     """`wss_ca`, trusted by this process for the test (the service's default context)."""
     monkeypatch.setenv("SSL_CERT_FILE", str(wss_ca.ca_file))
-    yield wss_ca
+    return wss_ca
