@@ -20,6 +20,7 @@ from worker_tools import (
     telemetry,
     worker_settings,
 )
+from wss import Wss
 
 from loader import Settings, Worker, run
 from loader.shards import shard_of
@@ -52,7 +53,9 @@ async def _wait_streams(emulator: Emulator, count: int) -> None:
     )
 
 
-async def test_every_symbol_over_several_connections_follows_listings(kafka: KafkaBroker) -> None:
+async def test_every_symbol_over_several_connections_follows_listings(
+    kafka: KafkaBroker, wss: Wss
+) -> None:
     symbols = market_symbols(3000)
     listed_at = START + 3 * MINUTE
     delisted_at = START + 3 * MINUTE
@@ -66,7 +69,7 @@ async def test_every_symbol_over_several_connections_follows_listings(kafka: Kaf
     )
     gone = symbols[7]
     topic = await trio.to_thread.run_sync(kafka.new_topic, "market-all")
-    async with open_emulator(config) as emulator:
+    async with open_emulator(wss.serve(config)) as emulator:
         settings = worker_settings(
             kafka,
             emulator,
@@ -131,14 +134,14 @@ async def _published_through(worker: Worker, stream: tuple[str, str], open_time:
 
 
 async def test_three_shards_split_the_market_and_one_stop_ends_them_all(
-    kafka: KafkaBroker,
+    kafka: KafkaBroker, wss: Wss
 ) -> None:
     symbols = market_symbols(300)
     config = EmulatorConfig(
         start_ms=START, speed=60, seed=12, symbols=symbols, intermediate_updates=False
     )
     topic = await trio.to_thread.run_sync(kafka.new_topic, "market-shards")
-    async with open_emulator(config) as emulator, trio.open_nursery() as nursery:
+    async with open_emulator(wss.serve(config)) as emulator, trio.open_nursery() as nursery:
         shards: list[Worker] = []
         settings: list[Settings] = []
         for index in range(3):
