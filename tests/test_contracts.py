@@ -74,8 +74,8 @@ def test_schemas_are_valid_2020_12(name: str) -> None:
 # Keywords that mean the same in draft-07 (AsyncAPI Schema's base) and 2020-12.
 SHARED_KEYWORDS = {
     "$schema", "$defs", "$ref", "title", "description", "type", "properties", "required",
-    "additionalProperties", "enum", "const", "pattern", "minLength", "minimum", "if", "then",
-    "examples",
+    "additionalProperties", "enum", "const", "pattern", "format", "minLength", "minimum", "if",
+    "then", "examples",
 }  # fmt: skip
 
 

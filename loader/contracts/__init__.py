@@ -116,7 +116,13 @@ def _object(struct: type[msgspec.Struct], fields: dict[str, str]) -> Json:
     for field in info.fields:
         if isinstance(field.type, msgspec.inspect.RawType):
             # Raw is any JSON to msgspec; here it is always a number (binance.py checks).
-            properties[field.encode_name] = {"type": "number", "description": _DECIMAL}
+            # `format: decimal` (an annotation, not checked) makes code generators such as
+            # datamodel-code-generator type the field Decimal rather than float.
+            properties[field.encode_name] = {
+                "type": "number",
+                "format": "decimal",
+                "description": _DECIMAL,
+            }
         properties[field.encode_name]["description"] = " ".join(
             filter(
                 None, [fields[field.encode_name], properties[field.encode_name].get("description")]
