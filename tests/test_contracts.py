@@ -44,6 +44,15 @@ def test_every_file_is_in_the_package_folder() -> None:
     assert shipped == set(contracts.FILES.values())
 
 
+def test_write_makes_every_file_and_says_which_changed(tmp_path: Path) -> None:
+    (tmp_path / "candle.schema.json").write_bytes(contracts.committed("candle"))
+    (tmp_path / "control.schema.json").write_bytes(b"{}")
+    assert contracts.write(tmp_path) == ["telemetry", "control", "asyncapi"]
+    for name, file in contracts.FILES.items():
+        assert (tmp_path / file).read_bytes() == contracts.committed(name)
+    assert contracts.write(tmp_path) == []
+
+
 def test_a_struct_field_the_contract_does_not_describe_is_refused() -> None:
     class Renamed(msgspec.Struct):
         queue: str

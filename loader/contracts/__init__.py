@@ -418,6 +418,8 @@ def main(argv: list[str]) -> int:
         if args.name is not None:
             parser.error("--write makes every file; give no name")
         folder = Path(__file__).resolve().parent
+        if not (folder.parents[1] / "pyproject.toml").is_file():
+            parser.error(f"--write rewrites a checkout's loader/contracts, not {folder}")
         changed = write(folder)
         print(f"{folder}: {', '.join(changed) + ' rewritten' if changed else 'up to date'}")
         return 0
