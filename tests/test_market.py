@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
-import msgspec
 import pytest
 import trio
 from kafka_broker import KafkaBroker
@@ -17,6 +16,7 @@ from worker_tools import (
     produce,
     read_topic,
     running_worker,
+    stop_command,
     telemetry,
     worker_settings,
 )
@@ -94,7 +94,7 @@ async def test_every_symbol_over_several_connections_follows_listings(
             # ... and four of its candles close (candle 3 is its first) and are in Kafka.
             await emulator.wait_closed("NEWUSDT", "1m", 3 + 4)
             await _published_through(worker, ("NEWUSDT", "1m"), listed_at + 3 * MINUTE)
-            stop = msgspec.json.encode({"command": "stop", "queue_id": settings.queue_id})
+            stop = stop_command(settings.queue_id)
             await trio.to_thread.run_sync(produce, kafka, settings.queue_control_topic, [stop])
             outcome = await worker.finished()
     assert (outcome.status, outcome.exit_code) == ("interrupted", 0)
@@ -155,7 +155,7 @@ async def test_three_shards_split_the_market_and_one_stop_ends_them_all(
         for worker in shards:
             await worker.wait_written(worker.records_written + 200)
         # One command for the one queue id: every shard reads it (no consumer group).
-        stop = msgspec.json.encode({"command": "stop", "queue_id": settings[0].queue_id})
+        stop = stop_command(settings[0].queue_id)
         await trio.to_thread.run_sync(produce, kafka, settings[0].queue_control_topic, [stop])
         with trio.fail_after(scaled(30)):
             outcomes = [await worker.finished() for worker in shards]
