@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from loader.binance import next_open_time
+from loader.intervals import next_open
 from loader.stats import Stats, StatsSnapshot
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -44,7 +44,7 @@ class Metrics:
         self.stats = stats
         self.channel_depth = channel_depth
         # The shortest candle period: how often a closed candle is due, for freshness alerts.
-        periods = [next_open_time(0, i) / 1000 for i in intervals]
+        periods = [next_open(i, 0) / 1000 for i in intervals]
         self.shortest_interval = min(periods, default=0.0)
         try:
             self._owner: tuple[trio.lowlevel.TrioToken, int] | None = (

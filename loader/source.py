@@ -415,12 +415,6 @@ class Source:
         self.on_notice = on_notice
         self._nursery: trio.Nursery | None = None
 
-    @property
-    def current(self) -> Connection | None:
-        """The first lane's current connection (one lane: the connection)."""
-        lane = next(iter(self.lanes.values()), None)
-        return lane.current if lane is not None else None
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open every lane, report ready, and keep them until cancelled."""
         async with self.candles, trio.open_nursery() as nursery:
@@ -478,11 +472,6 @@ class Source:
             else:
                 del self.lanes[number]
                 lane.close()
-
-    async def kline(self, event: KlineEvent | KlineUpdateEvent) -> None:
-        """Publish one kline event if it moves its stream forward (a gap goes to the
-        backfiller)."""
-        await self.router.kline(event)
 
     def lagging(self, stop_ms: int) -> list[Stream]:
         """Streams not yet published up to every candle closing at or before `stop_ms`

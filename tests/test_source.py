@@ -38,7 +38,7 @@ async def published(events: list[KlineEvent], **env: str) -> tuple[list[Candle],
     stats = Stats()
     source = Source(settings, send, stats, resume={("BTCUSDT", "1m"): 0})
     for e in events:
-        await source.kline(e)
+        await source.router.kline(e)
     send.close()
     return [msgspec.json.decode(value, type=Candle) async for _, value in receive], stats
 
