@@ -47,7 +47,7 @@ from loader.schema import Record
 from loader.settings import Settings
 from loader.shards import ConnectionPlan, rotation_offsets, subscribe_schedule
 from loader.stats import Stats
-from loader.symbols import check_symbols
+from loader.symbols import Symbols
 from loader.tls import TlsWatch
 
 __all__ = ["Backoff", "Lane", "Source"]
@@ -406,7 +406,8 @@ class Source:
         budget = ConnectBudget(per_minute)
         self.backoff = Backoff(budget=budget)
         self.history = HistoryClient(settings.binance_api_url, Backoff(budget=budget), stats)
-        self.backfiller = Backfiller(self.router, self.history, stats)
+        self.symbols = Symbols(self.router, stats, on_notice)
+        self.backfiller = Backfiller(self.router, self.history, stats, self.symbols.drop)
         self.base = settings.binance_ws_url.rstrip("/").removesuffix("/ws").removesuffix("/stream")
         self.tls = TlsWatch(self.base)
         self.numbers = itertools.count(1)
@@ -430,10 +431,7 @@ class Source:
                 ):
                     opening.start_soon(self._open_lane, number, names, rotate_after)
             task_status.started()
-            await nursery.start(
-                check_symbols, self.router, self.history, self.settings.stall_timeout,
-                self.stats, self.on_notice,
-            )  # fmt: skip
+            await nursery.start(self.symbols.check, self.history, self.settings.stall_timeout)
             if self.listing is not None:
                 await nursery.start(follow_listings, self, self.listing)
 
