@@ -10,7 +10,6 @@ prometheus-client's own (thread-safe), observed once per acknowledged batch.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -180,7 +179,7 @@ def healthy(stats: Stats, timeout: float) -> tuple[bool, str]:
     age = stats.alive_age()
     if age > timeout:
         return False, f"no frame from Binance and no answered ping for {age:.0f} s"
-    stuck = time.monotonic() - stats.last_ack_at
+    stuck = stats.stuck_age()
     if stats.unacknowledged and stuck > timeout:
         return False, f"{stats.unacknowledged} candles unacknowledged for {stuck:.0f} s"
     return True, "ok"

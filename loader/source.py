@@ -423,6 +423,7 @@ class Source:
             await nursery.start(self.history.run)
             await nursery.start(self.backfiller.run)
             offsets = rotation_offsets(len(self.plan.connections), self.settings.rotate_after)
+            self.stats.connecting()  # liveness counts from here (`/healthz`)
             # All at once (within the connection budget): each takes a second or so of
             # SUBSCRIBE messages, and ready means every stream subscribed.
             async with trio.open_nursery() as opening:
