@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import trio
 
-from loader.kafka import describe
+from loader.kafka import describe, surely_not_written
 from loader.schema import Status, TelemetryEvent
 from loader.settings import Settings
 from loader.shards import producer_name
@@ -36,8 +36,9 @@ class Telemetry:
         self.settings = settings
         self.records_written = records_written
         self.publish = publish
-        # For the terminal event when `publish` failed: an idempotent producer that met a fatal
-        # error refuses everything after it, telemetry included, yet the failure must be told.
+        # For the terminal event when `publish` failed without writing it: an idempotent
+        # producer that met a fatal error refuses everything after it, telemetry included,
+        # yet the failure must be told. Not after a failure that may have written it.
         self.fallback = fallback
         self.sent_terminal = False
         # The `symbol` field: set by the worker once it knows its streams.
@@ -98,6 +99,12 @@ class Telemetry:
             except Exception as exc:
                 if self.fallback is None:
                     log.error("could not send the %s telemetry event: %s", status, describe(exc))
+                    return False
+                if not surely_not_written(exc):
+                    # It may be in the topic with its acknowledgement lost: sent again, the
+                    # queue manager would read two terminal events. At most once.
+                    log.error("the %s telemetry event may not have been delivered (%s); not "
+                              "sent again", status, describe(exc))  # fmt: skip
                     return False
                 log.warning("the %s telemetry event goes by a new producer: %s", status,
                             describe(exc))  # fmt: skip

@@ -29,7 +29,15 @@ from kafka import KafkaProducer
 from loader.binance import stream_name
 from loader.control import watch_control
 from loader.errors import FatalError
-from loader.kafka import KafkaFailure, aclose, describe, open_producer, publish_once
+from loader.kafka import (
+    KafkaFailure,
+    MissingTopics,
+    aclose,
+    check_topics,
+    describe,
+    open_producer,
+    publish_once,
+)
 from loader.listings import initial_streams
 from loader.metrics import Metrics, serve_metrics
 from loader.resume import resume_points
@@ -209,7 +217,7 @@ async def _bootstrap(worker: Worker) -> KafkaProducer:
         if worker.stopped is not None:
             scope.deadline = worker.shutdown_deadline() - TELEMETRY_RESERVE * 2
         try:
-            return await trio.to_thread.run_sync(
+            producer = await trio.to_thread.run_sync(
                 lambda: open_producer(settings.kafka, delivery_timeout=settings.delivery_timeout),
                 abandon_on_cancel=True,
             )
@@ -217,6 +225,21 @@ async def _bootstrap(worker: Worker) -> KafkaProducer:
             raise FatalError(str(exc)) from exc
         finally:
             worker._bootstrap = None
+        try:
+            # A misnamed topic is named now, not after a send has waited for it in vain.
+            await check_topics(producer, (settings.kafka_topic, settings.queue_events_topic,
+                                          settings.queue_control_topic))  # fmt: skip
+        except MissingTopics as exc:
+            await aclose(producer, seconds=1.0)
+            # The same settings meet the same topics: a configuration error, not retried.
+            raise FatalError(str(exc), exit_code=2) from exc
+        except KafkaFailure as exc:
+            await aclose(producer, seconds=1.0)
+            raise FatalError(str(exc)) from exc
+        except BaseException:
+            await aclose(producer, seconds=1.0)
+            raise
+        return producer
     raise FatalError("stopped before Kafka could be reached")
 
 
