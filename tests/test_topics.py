@@ -23,6 +23,10 @@ from worker_tools import (
     worker_settings,
 )
 
+from loader.kafka import aclose, open_producer
+from loader.settings import load_settings
+from loader.sink import KafkaSink
+from loader.stats import Stats
 from loader.testing import EmulatorConfig, open_emulator
 
 pytestmark = pytest.mark.anyio
@@ -86,3 +90,28 @@ def _create(kafka: KafkaBroker, name: str) -> None:
         admin.create_topics({name: {"num_partitions": 1}}, wait_for_metadata=True)
     finally:
         admin.close()
+
+
+async def test_a_send_waiting_for_metadata_ends_with_its_deadline(
+    strict_kafka: KafkaBroker,
+) -> None:
+    """Telemetry within the shutdown budget: kafka-python's send waits (max_block_ms) for a
+    topic's metadata in a thread; the caller's deadline abandons that wait rather than
+    waiting it out (before: 60 s, past the pod's grace period)."""
+    settings = load_settings({
+        "QUEUE_ID": "q", "SYMBOL": "BTCUSDT", "KAFKA_TOPIC": "t", "TELEMETRY_PRODUCER_ID": "p",
+        "KAFKA_BOOTSTRAP_SERVERS": strict_kafka.bootstrap("plaintext"),
+    })  # fmt: skip
+    producer = await trio.to_thread.run_sync(
+        lambda: open_producer(settings.kafka, delivery_timeout=settings.delivery_timeout)
+    )
+    try:
+        sink = KafkaSink(producer, "t", Stats())
+        began = trio.current_time()
+        with trio.move_on_after(1.0) as scope:
+            await sink.publish(f"no-such-topic-{os.urandom(4).hex()}", b"q", b"{}")
+        elapsed = trio.current_time() - began
+    finally:
+        await aclose(producer, seconds=1.0)
+    assert scope.cancelled_caught
+    assert elapsed < 2.0, f"{elapsed:.1f} s"
