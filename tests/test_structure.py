@@ -103,3 +103,17 @@ def test_no_import_cycle_among_loader_modules() -> None:
     graph = import_graph()
     assert "loader.source" in graph["loader.worker"]  # the graph is read at all
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_the_checker_resolves_relative_imports() -> None:
+    modules = {"loader", "loader.a", "loader.testing", "loader.testing.wire"}
+
+    def targets(name: str, source: str) -> set[str]:
+        (node,) = ast.parse(source).body
+        assert isinstance(node, ast.ImportFrom)
+        return _targets(name, node, modules)
+
+    assert targets("loader.testing.wire", "from .. import a") == {"loader.a"}
+    assert targets("loader.testing.wire", "from ..a import x") == {"loader.a"}
+    assert targets("loader.testing", "from . import wire") == {"loader.testing.wire"}
+    assert targets("loader.a", "from .testing import wire") == {"loader.testing.wire"}
