@@ -76,6 +76,6 @@ async def test_a_stop_while_the_control_consumer_reaches_kafka_ends_at_once(
             elapsed = trio.current_time() - stopped
     assert outcome.status == "interrupted"
     # Within the consumer's own 30 s bootstrap timeout before; now the stop's own steps.
-    assert elapsed < 5.0, f"{elapsed:.1f} s from the stop to the end"
+    assert elapsed < scaled(5.0), f"{elapsed:.1f} s from the stop to the end"
     events = telemetry(await read_topic(kafka, settings.queue_events_topic))
     assert [e["status"] for e in events] == ["started", "interrupted"]
