@@ -41,8 +41,10 @@ class Symbols:
         its streams found out). Raises `FatalError` (exit 2) when no stream is left."""
         if symbol in self.dropped:
             return
-        self.dropped.append(symbol)
         streams = self.router.drop_symbol(symbol)
+        if not streams:
+            return  # its streams ended already (delisted meanwhile): nothing left to drop
+        self.dropped.append(symbol)
         self.stats.symbols_dropped += 1
         message = (
             f"dropped symbol {symbol} ({streams} stream(s)): Binance does not know it ({exc.msg})"

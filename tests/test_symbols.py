@@ -27,7 +27,13 @@ from worker_tools import (
     worker_settings,
 )
 
+from loader.history import HistoryError
 from loader.intervals import candle_open
+from loader.router import Router
+from loader.schema import Record
+from loader.settings import load_settings
+from loader.stats import Stats
+from loader.symbols import Symbols
 from loader.testing import Emulator, EmulatorConfig, open_emulator
 
 pytestmark = pytest.mark.anyio
@@ -114,3 +120,28 @@ async def test_stop_at_with_a_resumed_unknown_symbol_drops_it_and_finishes_the_o
     dropped = [e for e in events if "dropped symbol NOPEUSDT" in str(e["message"])]
     assert [e["status"] for e in dropped] == ["loading"]
     assert events[-1]["status"] == "finished"
+
+
+def test_a_symbol_is_dropped_and_reported_once_and_only_while_carried() -> None:
+    """However many of its streams' fills are told -1121, a symbol is reported once; one whose
+    streams ended meanwhile (delisted) is not reported as dropped."""
+    settings = load_settings({
+        "QUEUE_ID": "q", "SYMBOL": "BTCUSDT,NOPEUSDT", "INTERVAL": "1m,1h", "KAFKA_TOPIC": "t",
+        "TELEMETRY_PRODUCER_ID": "p",
+    })  # fmt: skip
+    send, _receive = trio.open_memory_channel[Record](1)
+    stats = Stats()
+    router = Router(settings, send, stats)
+    reported: list[str] = []
+    symbols = Symbols(router, stats, reported.append)
+    invalid = HistoryError(400, -1121, "Invalid symbol.")
+    symbols.drop("NOPEUSDT", invalid)
+    symbols.drop("NOPEUSDT", invalid)  # its other stream's fill
+    assert reported == ["dropped symbol NOPEUSDT (2 stream(s)): Binance does not know it "
+                        "(Invalid symbol.)"]  # fmt: skip
+    assert set(router.guards) == {("BTCUSDT", "1m"), ("BTCUSDT", "1h")}
+    router.remove(("BTCUSDT", "1m"))
+    router.remove(("BTCUSDT", "1h"))
+    symbols.drop("BTCUSDT", invalid)  # delisted already: nothing to drop, no "no stream left"
+    assert stats.symbols_dropped == 1
+    assert len(reported) == 1
