@@ -10,6 +10,7 @@ import datetime as dt
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final, Literal, TypeVar
@@ -131,6 +132,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     coalesce: float = 0.010
     # How often exchangeInfo is read again to follow listings and delistings.
     symbols_refresh: float = 3600.0
+    # Not from the environment: now, in epoch seconds, as the door (loader/plausibility.py)
+    # holds frames against it. A harness whose feed runs on a clock of its own (the emulator
+    # faster than real time, a replay of old frames) gives that clock instead.
+    clock: Callable[[], float] = time.time
 
     @property
     def shutdown_budget(self) -> float:
