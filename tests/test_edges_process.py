@@ -160,3 +160,31 @@ async def test_a_future_dated_frame_is_refused_and_its_stream_goes_on(
     assert str(future) in refused[0]
     events = telemetry(await read_topic(kafka, f"{topic}-events"))
     assert events[-1]["status"] == "interrupted"
+
+
+async def test_stop_at_in_epoch_seconds_is_an_hour_away_not_1970(
+    kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    """`STOP_AT=<now + 3600>` in seconds (10 digits): the run goes on loading, and stops only
+    when told to."""
+    topic = await trio.to_thread.run_sync(kafka.new_topic, "stop-at-seconds")
+    stop_at = int(time.time()) + 3600
+    async with wss_emulator(tmp_path) as (emulator, trust):
+        env = env_without_kafka_vars(os.environ) | trust
+        env |= worker_env(
+            kafka, emulator, topic, SYMBOL="BTCUSDT,ETHUSDT", INTERVAL="1s",
+            STOP_AT=str(stop_at), TELEMETRY_INTERVAL="1", LOG_FORMAT="json",
+        )  # fmt: skip
+        async with worker_process(env) as (process, output):
+            with trio.fail_after(scaled(60)):
+                await read_topic(kafka, topic, expected=6)
+                assert process.poll() is None, output.decode()
+                process.send_signal(signal.SIGTERM)
+                assert await process.wait() == 143
+    events = telemetry(await read_topic(kafka, f"{topic}-events"))
+    statuses = [e["status"] for e in events]
+    assert statuses[0] == "started"
+    assert "loading" in statuses
+    assert statuses[-1] == "interrupted"
+    assert "finished" not in statuses
+    assert "past already" not in output.decode()
