@@ -9,14 +9,16 @@ against our clock first, by a pure function (no I/O; the clock is read by the ca
 - its open time must not be later than now plus one interval (plus `CLOCK_SKEW_MS`): no
   candle opens in the future;
 - its event time must not be more than `CLOCK_SKEW_MS` ahead of now, nor older than
-  `BACKFILL_WINDOW` or `MIN_EVENT_AGE_LIMIT_MS` (a day), whichever is longer.
+  `BACKFILL_WINDOW` or `MIN_EVENT_AGE_LIMIT_MS` (a day), whichever is longer, plus one
+  interval.
 
 Binance stamps its frames with its own clock, which NTP keeps within milliseconds of ours;
 `CLOCK_SKEW_MS` is the allowance for the two clocks and the network between them. The past
 gets a wider bound than the future: a true frame may wait in buffers (Kafka backpressure, a
 replacement connection's first frames) but never comes from ahead of now. A frame older than
 anything the run would fill tells of a broken feed, and as the first frame of a fresh stream
-it would start the stream there and report every true candle since as a hole.
+it would start the stream there and report every true candle since as a hole. One interval
+more, as ahead: a long candle's frames are judged on its own scale.
 
 A refused frame is counted and logged by the router, never published, and never moves a
 guard: the next plausible frame of its stream reveals its candle as a gap, filled from
@@ -41,13 +43,13 @@ DESCRIPTIONS: Final[dict[Refusal, str]] = {
     "misaligned": "its open or close time is not its interval's boundary",
     "open_time_ahead": "its candle opens more than one interval after our clock",
     "event_time_ahead": f"its event time is over {CLOCK_SKEW_MS // 1000} s ahead of our clock",
-    "event_time_stale": "its event time is older than BACKFILL_WINDOW (or a day)",
+    "event_time_stale": "its event time is older than BACKFILL_WINDOW (or a day) and an interval",
 }
 
 
-def event_age_limit(window_ms: int) -> int:
-    """How old (ms) a frame's event time may be, given `BACKFILL_WINDOW` in ms."""
-    return max(MIN_EVENT_AGE_LIMIT_MS, window_ms)
+def event_age_limit(window_ms: int, interval: str) -> int:
+    """How old (ms) a frame of `interval` may be, given `BACKFILL_WINDOW` in ms."""
+    return max(MIN_EVENT_AGE_LIMIT_MS, window_ms) + length_ms(interval)
 
 
 def refusal(
@@ -63,7 +65,7 @@ def refusal(
 
     `close_time` is None when the frame was only looked at (an in-progress update read for
     its open time). `interval` is one of Binance's (the router only asks for its own streams).
-    `age_limit_ms` is `event_age_limit(window)`.
+    `age_limit_ms` is `event_age_limit(window, interval)`.
     """
     if candle_open(interval, open_time) != open_time:
         return "misaligned"

@@ -16,7 +16,7 @@ import trio
 
 from loader.binance import BadFrame, Kline, KlineEvent, KlineUpdateEvent, RecordEncoder, stream_name
 from loader.guard import Gap, StreamGuard
-from loader.intervals import count_between
+from loader.intervals import INTERVALS, count_between
 from loader.logs import ThrottledLog
 from loader.plausibility import DESCRIPTIONS, Refusal, event_age_limit, refusal
 from loader.schema import Record
@@ -65,7 +65,8 @@ class Router:
         self.bad = ThrottledLog(log)
         # What the door holds frames against: the wall clock, in epoch seconds.
         self.clock = settings.clock
-        self.age_limit_ms = event_age_limit(self.window_ms)
+        # How old a frame may be, per interval.
+        self.age_limit_ms = {i: event_age_limit(self.window_ms, i) for i in INTERVALS}
         self.refused = ThrottledLog(log, REFUSED_LOG_PERIOD)
         # Guards whose next candle is being sent, under backpressure, right now.
         self.sending: set[Guard] = set()
@@ -105,8 +106,9 @@ class Router:
         event_time = event.event_time
         close_time = k.close_time if isinstance(k, Kline) else None
         now_ms = int(self.clock() * 1000)
+        age_limit_ms = self.age_limit_ms[k.interval]
         why = refusal(
-            k.interval, k.open_time, close_time, event_time, now_ms, age_limit_ms=self.age_limit_ms
+            k.interval, k.open_time, close_time, event_time, now_ms, age_limit_ms=age_limit_ms
         )
         if why is not None:
             self.refuse(stream, why, k.open_time, event_time, now_ms)

@@ -309,7 +309,8 @@ async def test_stop_at_with_a_dead_feed_fills_from_history(kafka: KafkaBroker) -
     async with open_emulator(_config("1s")) as emulator:
         stop_at = _open(emulator, "1s", 3) - 1
         settings = worker_settings(kafka, emulator, topic, SYMBOL=SYMBOL, INTERVAL="1s",
-                                   STOP_AT=str(stop_at), STALL_TIMEOUT="60")  # fmt: skip
+                                   STOP_AT=str(stop_at), STALL_TIMEOUT="60",
+                                   HEALTH_TIMEOUT="120")  # fmt: skip
         async with running_worker(settings) as worker:
             await emulator.wait_connections(1)
             _past_close(emulator, "1s", 2)

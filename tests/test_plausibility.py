@@ -103,11 +103,11 @@ def test_an_event_time_ahead_of_our_clock_is_refused(interval: str, now: int, ah
 
 
 @given(intervals, instants, st.integers(0, 400 * 86_400_000), st.integers(1, 3650 * 86_400_000))
-def test_an_event_time_older_than_the_window_or_a_day_is_refused(
+def test_an_event_time_older_than_the_window_or_a_day_and_an_interval_is_refused(
     interval: str, now: int, window: int, age: int
 ) -> None:
-    limit = event_age_limit(window)
-    assert limit == max(window, MIN_EVENT_AGE_LIMIT_MS)
+    limit = event_age_limit(window, interval)
+    assert limit == max(window, MIN_EVENT_AGE_LIMIT_MS) + length_ms(interval)
     for event_time, expected in ((now - limit - age, "event_time_stale"), (now - limit, None)):
         opened = candle_open(interval, event_time)
         assert refusal(interval, opened, None, event_time, now, age_limit_ms=limit) == expected

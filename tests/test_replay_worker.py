@@ -31,6 +31,7 @@ RECORDINGS = {r.name.removesuffix(".ws"): r for r in load_recordings()}
 # The replayed session goes silent after its last frame, and its symbols are unknown to the
 # emulator's market: a stall check (default after 10 s) would end the run. Far beyond the test.
 STALL_TIMEOUT = "60"
+HEALTH_TIMEOUT = "120"  # above STALL_TIMEOUT, as settings require
 WITHIN = 30.0  # seconds a case may take before it fails instead of hanging
 
 # Kline field of Binance's payload for each published field.
@@ -138,6 +139,7 @@ async def test_published_candles_equal_the_recorded_klines(
         env = worker_env(
             kafka, emulator, topic,
             SYMBOL=",".join(symbols), INTERVAL="1m", CANDLES=mode, STALL_TIMEOUT=STALL_TIMEOUT,
+            HEALTH_TIMEOUT=HEALTH_TIMEOUT,
         )  # fmt: skip
         with trio.fail_after(WITHIN):
             async with running_worker(at_recording(env, recording)) as worker:
