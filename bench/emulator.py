@@ -71,6 +71,10 @@ def _config(args: argparse.Namespace) -> EmulatorConfig:
         return EmulatorConfig(symbols=DEFAULT_SYMBOLS + synthetic)
     return EmulatorConfig(
         symbols=synthetic,
+        # Candles advance a frame at a time, far faster than the wall clock, which the
+        # worker's door holds open times against: started 400 days back, they stay behind
+        # it for hours at full rate (`E` is the wall clock anyway).
+        start_ms=(time.time_ns() // 1_000_000 - 400 * 86_400_000) // 60_000 * 60_000,
         firehose=FirehoseConfig(
             rate=args.rate,
             close_ratio=args.close_ratio,

@@ -133,6 +133,12 @@ class _StatsCollector(Collector):
         )  # fmt: skip
         yield _labelled("malformed_frames", "Frames skipped, by kind.", "kind", s.malformed)
         yield _labelled(
+            "frames_refused",
+            "Kline frames refused as implausible against our clock (never published), by reason.",
+            "reason",
+            s.frames_refused,
+        )
+        yield _labelled(
             "reconnects", "Binance connections replaced, by reason.", "reason", s.reconnects
         )
         yield GaugeMetricFamily(

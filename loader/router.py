@@ -16,8 +16,9 @@ import trio
 
 from loader.binance import BadFrame, Kline, KlineEvent, KlineUpdateEvent, RecordEncoder, stream_name
 from loader.guard import Gap, StreamGuard
-from loader.intervals import count_between
+from loader.intervals import INTERVALS, count_between
 from loader.logs import ThrottledLog
+from loader.plausibility import DESCRIPTIONS, Refusal, event_age_limit, refusal
 from loader.schema import Record
 from loader.settings import Settings
 from loader.stats import Stats
@@ -30,6 +31,8 @@ Guard = StreamGuard[KlineEvent]
 # (counted) and the gap they leave is filled in turn, so memory stays bounded.
 HELD_LIMIT = 1000
 NEVER = 2**62
+# A stream's refused frames are logged at most this often (each is counted).
+REFUSED_LOG_PERIOD = 60.0
 
 
 class Router:
@@ -60,6 +63,11 @@ class Router:
         self._watch_ms = NEVER
         self._watch = trio.Event()
         self.bad = ThrottledLog(log)
+        # What the door holds frames against: the wall clock, in epoch seconds.
+        self.clock = settings.clock
+        # How old a frame may be, per interval.
+        self.age_limit_ms = {i: event_age_limit(self.window_ms, i) for i in INTERVALS}
+        self.refused = ThrottledLog(log, REFUSED_LOG_PERIOD)
         # Guards whose next candle is being sent, under backpressure, right now, each with
         # the event set once that send has ended (the candle in the channel, or cancelled).
         self.sending: dict[Guard, trio.Event] = {}
@@ -99,6 +107,15 @@ class Router:
             self.skip("unexpected_stream", f"{k.symbol} {k.interval} was not asked for")
             return
         event_time = event.event_time
+        close_time = k.close_time if isinstance(k, Kline) else None
+        now_ms = int(self.clock() * 1000)
+        age_limit_ms = self.age_limit_ms[k.interval]
+        why = refusal(
+            k.interval, k.open_time, close_time, event_time, now_ms, age_limit_ms=age_limit_ms
+        )
+        if why is not None:
+            self.refuse(stream, why, k.open_time, event_time, now_ms)
+            return
         if event_time > self.latest_event_ms:
             self.latest_event_ms = event_time
             if event_time > self._watch_ms:
@@ -214,6 +231,18 @@ class Router:
         )
         log.error(message, extra={"stream": name, "gap_start": start, "gap_end": end})
         self.on_hole(message)
+
+    def refuse(
+        self, stream: Stream, why: Refusal, open_time: int, event_time: int, now_ms: int
+    ) -> None:
+        """A frame the door keeps out (`loader/plausibility.py`): counted, logged at most once
+        a `REFUSED_LOG_PERIOD` per stream, and nothing else."""
+        self.stats.frames_refused[why] += 1
+        self.refused.warning(
+            stream_name(*stream),
+            f"refused a frame (open time {open_time}, event time {event_time}, our clock "
+            f"{now_ms}): {DESCRIPTIONS[why]}",
+        )
 
     def skip(self, kind: str, detail: str) -> None:
         self.stats.malformed[kind] += 1

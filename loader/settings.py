@@ -10,6 +10,8 @@ import datetime as dt
 import math
 import os
 import re
+import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final, Literal, TypeVar
@@ -28,6 +30,15 @@ DEFAULT_BOOTSTRAP: Final = "localhost:9092"
 DEFAULT_WS_URL: Final = "wss://stream.binance.com:9443/ws"
 DEFAULT_API_URL: Final = "wss://ws-api.binance.com:443/ws-api/v3"
 TOPIC_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,249}")
+# STOP_AT as a number: below 1e11 it is epoch seconds (1e11 s is the year 5138), from there
+# epoch milliseconds (1e11 ms is 1973, before any candle) up to 1e14 (the year 5138 again).
+_NUMBER: Final = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+EPOCH_SECONDS_BELOW: Final = 1e11
+EPOCH_MILLISECONDS_BELOW: Final = 1e14
+# 2017-01-01 UTC: Binance's candles begin in July 2017, so an earlier STOP_AT is a mistake.
+EARLIEST_STOP_AT: Final = 1_483_228_800.0
+# Binance cuts every market-stream connection at 24 h: a rotation must come before.
+BINANCE_CONNECTION_LIFETIME: Final = 86_400.0
 SYMBOL_RE: Final = re.compile(r"[A-Za-z0-9]{2,20}")
 
 T = TypeVar("T")
@@ -131,6 +142,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     coalesce: float = 0.010
     # How often exchangeInfo is read again to follow listings and delistings.
     symbols_refresh: float = 3600.0
+    # Not from the environment: now, in epoch seconds, as the door (loader/plausibility.py)
+    # holds frames against it. A harness whose feed runs on a clock of its own (the emulator
+    # faster than real time, a replay of old frames) gives that clock instead.
+    clock: Callable[[], float] = time.time
 
     @property
     def shutdown_budget(self) -> float:
@@ -185,10 +200,20 @@ class _Reader:
             return default
         return value
 
-    def url(self, name: str, default: str) -> str:
+    def url(self, name: str, default: str, *, base: bool = False) -> str:
+        """A ws:// or wss:// URL with a host; with `base`, one the worker appends its own
+        path and query to, so it must carry neither a query nor a fragment."""
         value = self.get(name) or default
-        if not value.startswith(("ws://", "wss://")):
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("ws", "wss"):
             self.problems.append(f"{name}={value!r} is not a ws:// or wss:// URL")
+        elif not parts.hostname:
+            self.problems.append(f"{name}={value!r} has no host")
+        elif base and (parts.query or parts.fragment or "?" in value or "#" in value):
+            self.problems.append(
+                f"{name}={value!r} has a query or fragment: the worker adds its own path and "
+                "query (/ws/<stream>, /stream?streams=...), so the URL must end at its path"
+            )
         return value
 
     def topic(self, name: str, default: str | None = None) -> str:
@@ -227,13 +252,22 @@ def _port(raw: str) -> int:
 
 
 def _stop_at(raw: str) -> float:
-    """Epoch milliseconds (all digits) or an ISO 8601 timestamp; naive ones are taken as UTC."""
-    if raw.isdigit():
-        return int(raw) / 1000
-    parsed = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    return parsed.timestamp()
+    """STOP_AT in epoch seconds: an ISO 8601 time (naive ones are UTC), or a number of epoch
+    seconds or milliseconds told apart by magnitude (`EPOCH_SECONDS_BELOW`). A number past
+    milliseconds' range (microseconds?) or a time before `EARLIEST_STOP_AT` is refused."""
+    if _NUMBER.fullmatch(raw):
+        value = float(raw)
+        if value >= EPOCH_MILLISECONDS_BELOW:
+            raise ValueError(raw)
+        seconds = value if value < EPOCH_SECONDS_BELOW else value / 1000
+    else:
+        parsed = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=dt.UTC)
+        seconds = parsed.timestamp()
+    if seconds < EARLIEST_STOP_AT:
+        raise ValueError(raw)
+    return seconds
 
 
 def _split(raw: str | None) -> list[str]:
@@ -308,7 +342,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     kafka_topic = r.topic("KAFKA_TOPIC")
     producer_id = r.get("TELEMETRY_PRODUCER_ID", required=True) or ""
     kafka = _kafka(r)
-    ws_url = r.url("BINANCE_WS_URL", DEFAULT_WS_URL)
+    ws_url = r.url("BINANCE_WS_URL", DEFAULT_WS_URL, base=True)
     api_url = r.url("BINANCE_API_URL", DEFAULT_API_URL)
     candles = r.choice("CANDLES", ("closed", "all"), "closed")
     log_format = LOG_FORMATS[r.choice("LOG_FORMAT", tuple(LOG_FORMATS), "auto")]
@@ -330,7 +364,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         stop_grace=_seconds(r, "STOP_GRACE", 10.0),
         termination_grace=_seconds(r, "TERMINATION_GRACE_PERIOD", 30.0),
         delivery_timeout=_seconds(r, "KAFKA_DELIVERY_TIMEOUT", 120.0),
-        stop_at=r.parse("STOP_AT", None, _stop_at, "an ISO 8601 time or epoch milliseconds"),
+        stop_at=r.parse(
+            "STOP_AT",
+            None,
+            _stop_at,
+            "an ISO 8601 time, epoch seconds (below 1e11) or epoch milliseconds (below 1e14) "
+            "from 2017 on",
+        ),
         control_lookback=_seconds(r, "CONTROL_LOOKBACK", 3600.0),
         channel_size=channel_size,
         stall_timeout=_seconds(r, "STALL_TIMEOUT", 10.0),
@@ -354,6 +394,32 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         )
         / 1000,
     )
+    r.problems.extend(_cross_checks(r, settings))
     if r.problems:
         raise ConfigError(r.problems)
     return settings
+
+
+def _cross_checks(r: _Reader, s: Settings) -> list[str]:
+    """Values each valid alone that do not work together; a variable that was itself
+    refused (its default stands in) is not judged again."""
+    refused = {p.split("=", 1)[0] for p in r.problems}
+    problems = []
+    if "ROTATE_AFTER" not in refused and s.rotate_after >= BINANCE_CONNECTION_LIFETIME:
+        problems.append(
+            f"ROTATE_AFTER={s.rotate_after:g} is not below {BINANCE_CONNECTION_LIFETIME:g}: "
+            "Binance cuts every connection at 24 h, so the worker must replace it before"
+        )
+    if not refused & {"HEALTH_TIMEOUT", "STALL_TIMEOUT"} and s.health_timeout <= s.stall_timeout:
+        problems.append(
+            f"HEALTH_TIMEOUT={s.health_timeout:g} is not above STALL_TIMEOUT={s.stall_timeout:g}:"
+            " the worker pings Binance only after STALL_TIMEOUT of silence, so /healthz would "
+            "fail a live connection first"
+        )
+    if "TERMINATION_GRACE_PERIOD" not in refused and s.termination_grace <= SHUTDOWN_MARGIN:
+        problems.append(
+            f"TERMINATION_GRACE_PERIOD={s.termination_grace:g} is not above "
+            f"{SHUTDOWN_MARGIN:g}: the run ends its shutdown {SHUTDOWN_MARGIN:g} s before the "
+            "pod's grace period does, so nothing would be left for it"
+        )
+    return problems

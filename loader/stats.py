@@ -28,6 +28,10 @@ class Stats:
     updates_shed: int = 0
     malformed: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     reconnects: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    # Kline frames the door refused (loader/plausibility.py), by reason.
+    frames_refused: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
     control_ignored: int = 0
     # Closed candles that can no longer be had (beyond BACKFILL_WINDOW, or absent from
     # history): each hole is also logged and reported in telemetry.
@@ -97,6 +101,7 @@ class Stats:
             control_ignored=self.control_ignored,
             malformed=dict(self.malformed),
             reconnects=dict(self.reconnects),
+            frames_refused=dict(self.frames_refused),
             candles_lost=self.candles_lost,
             holes=self.holes,
             symbols_dropped=self.symbols_dropped,
@@ -125,6 +130,7 @@ class StatsSnapshot:
     control_ignored: int
     malformed: dict[str, int]
     reconnects: dict[str, int]
+    frames_refused: dict[str, int]
     candles_lost: int
     holes: int
     symbols_dropped: int

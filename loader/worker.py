@@ -17,6 +17,7 @@ budget (`Settings.shutdown_budget`, from the pod's grace period), shared out as:
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import threading
 import time
@@ -379,6 +380,12 @@ async def _stop_at(worker: Worker, source: Source, stop_at: float) -> None:
     moment has come (by our clock or by Binance's, whichever says so first), wait, bounded,
     for the last candles to close and for any fill, then stop."""
     stop_ms = int(stop_at * 1000)
+    if stop_at <= time.time():
+        # Valid (a retried pod gets the STOP_AT its first pod had), but worth a word.
+        log.warning(
+            "STOP_AT %s is past already: completing the streams the topic holds up to it, then "
+            "finishing", dt.datetime.fromtimestamp(stop_at, dt.UTC).isoformat()
+        )  # fmt: skip
     with trio.move_on_at(trio.current_time() + max(0.0, stop_at - time.time())):
         await source.router.wait_event_time(stop_ms)
     short = await source.complete_until(stop_ms, worker.settings.stop_grace)

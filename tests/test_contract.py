@@ -27,6 +27,7 @@ from worker_tools import (
     candles,
     contract,
     env_without_kafka_vars,
+    for_a_process,
     produce,
     read_topic,
     row,
@@ -138,7 +139,7 @@ async def test_sigterm_while_kafka_is_slow_to_answer(kafka: KafkaBroker) -> None
     `started` and `interrupted` (not final), and exits 143 within the grace period."""
     topic = await trio.to_thread.run_sync(kafka.new_topic, "contract-sigterm-bootstrap")
     async with (
-        open_emulator(FAST) as emulator,
+        open_emulator(for_a_process(FAST)) as emulator,
         slow_proxy(kafka.plaintext, delay=2.0) as (proxy, arrived),
     ):
         env = env_without_kafka_vars(os.environ) | worker_env(
@@ -163,7 +164,7 @@ async def test_sigterm_while_kafka_is_slow_to_answer(kafka: KafkaBroker) -> None
 
 async def test_sigterm_while_streaming_is_not_final(kafka: KafkaBroker) -> None:
     topic = await trio.to_thread.run_sync(kafka.new_topic, "contract-sigterm")
-    async with open_emulator(FAST) as emulator:
+    async with open_emulator(for_a_process(FAST)) as emulator:
         env = env_without_kafka_vars(os.environ) | worker_env(
             kafka, emulator, topic, TERMINATION_GRACE_PERIOD=str(GRACE)
         )

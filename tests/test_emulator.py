@@ -546,6 +546,24 @@ async def test_bad_frames() -> None:
         assert (await recv(ws))["e"] == "futureEvent"
 
 
+async def test_an_injected_event_goes_to_the_connections_carrying_its_stream() -> None:
+    payload = b'{"e":"kline","E":1,"s":"BTCUSDT","k":{"t":0}}'
+    async with (
+        open_emulator(FAST) as emulator,
+        open_websocket_url(emulator.stream_url(["ethusdt@kline_1m", "btcusdt@kline_1s"])) as both,
+        open_websocket_url(emulator.raw_url("ethusdt@kline_1m")) as other,
+    ):
+        await emulator.wait_connections(2)
+        assert emulator.send_event(payload, "btcusdt@kline_1s") == 1
+        while (frame := json.loads(await both.get_message()))["data"]["E"] != 1:
+            pass  # the market's own frames, queued before it
+        assert frame == {"stream": "btcusdt@kline_1s", "data": json.loads(payload)}
+        assert emulator.send_event(payload) == 2
+        while (raw := json.loads(await other.get_message()))["E"] != 1:
+            pass
+        assert raw == json.loads(payload)
+
+
 async def test_oversized_frame() -> None:
     async with open_emulator(FAST) as emulator:
         async with open_websocket_url(emulator.raw_url(), max_message_size=2**21) as ws:

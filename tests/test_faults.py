@@ -20,6 +20,7 @@ from worker_tools import (
     assert_matches_market,
     candles,
     env_without_kafka_vars,
+    for_a_process,
     read_topic,
     row,
     running_worker,
@@ -237,7 +238,7 @@ async def test_wrong_symbol_ends_with_exit_2(kafka: KafkaBroker) -> None:
 async def test_killed_worker_resumes_from_the_topic(kafka: KafkaBroker) -> None:
     """An evicted pod (SIGKILL, no goodbye) and its replacement: together, exact."""
     topic = await _new_topic(kafka, "fault-killed")
-    async with open_emulator(FAST) as emulator:
+    async with open_emulator(for_a_process(FAST)) as emulator:
         env = env_without_kafka_vars(os.environ) | worker_env(
             kafka, emulator, topic, SYMBOL=SYMBOLS
         )

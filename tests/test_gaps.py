@@ -29,7 +29,7 @@ from worker_tools import (
 )
 
 from loader import Worker
-from loader.intervals import INTERVALS, candle_open
+from loader.intervals import INTERVALS, candle_open, length_ms
 from loader.testing import Emulator, EmulatorConfig, open_emulator
 
 pytestmark = pytest.mark.anyio
@@ -83,9 +83,12 @@ async def _check(kafka: KafkaBroker, emulator: Emulator, topic: str, interval: s
     return opens
 
 
-def _config(interval: str) -> EmulatorConfig:
-    # Candle 0 opens at the current candle's open: a market in step with the wall clock.
-    return CLOCK.replace(start_ms=candle_open(interval, int(time.time() * 1000)))
+def _config(interval: str, behind: int = 0) -> EmulatorConfig:
+    """Candle 0 opens at the current candle's open: a market in step with the wall clock.
+    With `behind`, that many candles earlier: a worker process holds frames against the wall
+    clock, and the test moves the market up to `behind` candles on."""
+    now = int(time.time() * 1000)
+    return CLOCK.replace(start_ms=candle_open(interval, now - behind * length_ms(interval)))
 
 
 async def _new_topic(kafka: KafkaBroker, name: str) -> str:
@@ -123,7 +126,7 @@ async def test_disconnect_across_closes(kafka: KafkaBroker, interval: str, close
 @pytest.mark.parametrize("interval", INTERVALS)
 async def test_sigkill_restart_across_closes(kafka: KafkaBroker, interval: str) -> None:
     topic = await _new_topic(kafka, f"gap-kill-{interval.replace('M', 'mo')}")
-    async with open_emulator(_config(interval)) as emulator:
+    async with open_emulator(_config(interval, behind=10)) as emulator:
         extra = {"SYMBOL": SYMBOL, "INTERVAL": interval, "BACKFILL_WINDOW": WIDE_WINDOW}
         env = env_without_kafka_vars(os.environ) | worker_env(
             kafka, emulator, topic, SYMBOL=SYMBOL, INTERVAL=interval, BACKFILL_WINDOW=WIDE_WINDOW
@@ -306,7 +309,8 @@ async def test_stop_at_with_a_dead_feed_fills_from_history(kafka: KafkaBroker) -
     async with open_emulator(_config("1s")) as emulator:
         stop_at = _open(emulator, "1s", 3) - 1
         settings = worker_settings(kafka, emulator, topic, SYMBOL=SYMBOL, INTERVAL="1s",
-                                   STOP_AT=str(stop_at), STALL_TIMEOUT="60")  # fmt: skip
+                                   STOP_AT=str(stop_at), STALL_TIMEOUT="60",
+                                   HEALTH_TIMEOUT="120")  # fmt: skip
         async with running_worker(settings) as worker:
             await emulator.wait_connections(1)
             _past_close(emulator, "1s", 2)

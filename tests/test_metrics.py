@@ -83,12 +83,14 @@ async def test_healthz_fails_when_the_pipeline_stalls(kafka: KafkaBroker) -> Non
     topic = await trio.to_thread.run_sync(kafka.new_topic, "healthz")
     async with open_emulator(FAST) as emulator:
         settings = worker_settings(
-            kafka, emulator, topic, METRICS_PORT="0", HEALTH_TIMEOUT="0.5", STALL_TIMEOUT="60"
+            kafka, emulator, topic, METRICS_PORT="0", HEALTH_TIMEOUT="1.5", STALL_TIMEOUT="0.5"
         )
         async with running_worker(settings) as worker:
             assert worker.metrics_port
             await worker.wait_written(2)
             assert (await get(worker.metrics_port, "/healthz"))[0] == 200
+            # Binance gone: the connection silent, its pings unanswered, a new one refused.
+            emulator.refuse_handshakes(1000)
             emulator.stall()
             for _ in range(100):  # polling the endpoint under test, 10 s at most
                 health = await get(worker.metrics_port, "/healthz")

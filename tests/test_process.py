@@ -11,7 +11,15 @@ import sys
 import pytest
 import trio
 from kafka_broker import KafkaBroker
-from worker_tools import env_without_kafka_vars, read_topic, row, telemetry, terminal, worker_env
+from worker_tools import (
+    env_without_kafka_vars,
+    for_a_process,
+    read_topic,
+    row,
+    telemetry,
+    terminal,
+    worker_env,
+)
 
 from loader.testing import EmulatorConfig, open_emulator
 
@@ -24,7 +32,7 @@ FAST = EmulatorConfig(speed=600, seed=11)
 async def test_signal_stops_gracefully(kafka: KafkaBroker, signum: int, code: int) -> None:
     name = signal.Signals(signum).name
     topic = await trio.to_thread.run_sync(kafka.new_topic, f"signal-{name}")
-    async with open_emulator(FAST) as emulator:
+    async with open_emulator(for_a_process(FAST)) as emulator:
         env = env_without_kafka_vars(os.environ) | worker_env(
             kafka, emulator, topic, listener="sasl_ssl", LOG_FORMAT="json"
         )

@@ -16,12 +16,13 @@ import json
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 from kafka_broker import KafkaBroker
 from worker_tools import CANDLE_FIELDS, candles, read_topic, running_worker, worker_env
 
-from loader import load_settings
+from loader import Settings, load_settings
 from loader.testing import EmulatorConfig, Recording, load_recordings, open_emulator
 
 pytestmark = pytest.mark.anyio
@@ -30,6 +31,7 @@ RECORDINGS = {r.name.removesuffix(".ws"): r for r in load_recordings()}
 # The replayed session goes silent after its last frame, and its symbols are unknown to the
 # emulator's market: a stall check (default after 10 s) would end the run. Far beyond the test.
 STALL_TIMEOUT = "60"
+HEALTH_TIMEOUT = "120"  # above STALL_TIMEOUT, as settings require
 WITHIN = 30.0  # seconds a case may take before it fails instead of hanging
 
 # Kline field of Binance's payload for each published field.
@@ -96,6 +98,13 @@ def assert_every_frame_moves_forward(recording: Recording, symbols: list[str]) -
         last[e["s"]] = (event_time, open_time if closed else -1)
 
 
+def at_recording(env: dict[str, str], recording: Recording) -> Settings:
+    """Settings whose clock stands at the recording's last event: the door holds the 2021
+    frames against the time they were recorded, not against today."""
+    last = max(e["E"] for e in kline_events(recording))
+    return msgspec.structs.replace(load_settings(env), clock=lambda: last / 1000)
+
+
 def exact(values: list[dict[str, Any]]) -> list[list[tuple[str, str, str]]]:
     """Field, type and digits: 13.72120000 must not come out as 13.7212."""
     return [[(f, type(v).__name__, str(v)) for f, v in c.items()] for c in values]
@@ -130,9 +139,10 @@ async def test_published_candles_equal_the_recorded_klines(
         env = worker_env(
             kafka, emulator, topic,
             SYMBOL=",".join(symbols), INTERVAL="1m", CANDLES=mode, STALL_TIMEOUT=STALL_TIMEOUT,
+            HEALTH_TIMEOUT=HEALTH_TIMEOUT,
         )  # fmt: skip
         with trio.fail_after(WITHIN):
-            async with running_worker(load_settings(env)) as worker:
+            async with running_worker(at_recording(env, recording)) as worker:
                 await worker.wait_written(len(expected))
                 # The worker asked for its own path, and got the recording filtered to it.
                 replayed = [c for c in emulator.connections if c.kind == "replay"]
@@ -143,6 +153,7 @@ async def test_published_candles_equal_the_recorded_klines(
     assert outcome.records_written == len(expected)
     stats = worker.stats
     assert not stats.malformed, stats.malformed  # real frames: nothing skipped
+    assert not stats.frames_refused, stats.frames_refused  # and each plausible
     assert stats.duplicates_dropped == 0
     assert stats.candles_backfilled == 0
     assert not stats.reconnects, stats.reconnects
@@ -169,7 +180,7 @@ async def test_a_quiet_stream_that_answers_pings_is_kept(kafka: KafkaBroker) -> 
     )
     async with open_emulator(config) as emulator:
         env = worker_env(kafka, emulator, topic, SYMBOL="OMGBUSD", STALL_TIMEOUT="0.3")
-        async with running_worker(load_settings(env)) as worker:
+        async with running_worker(at_recording(env, recording)) as worker:
             await worker.wait_written(1)
             # The silence under test: ten stall timeouts without a single frame.
             await trio.sleep(3.0)

@@ -87,6 +87,117 @@ def test_stop_at_accepts_iso_and_epoch_ms() -> None:
     assert iso.stop_at == ms.stop_at == naive.stop_at == 1795514400.0
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "1795514400",  # epoch seconds: 10 digits
+        "1795514400.0",
+        "1795514400000",  # epoch milliseconds: 13 digits
+        "2026-11-24T10:00:00Z",
+        "2026-11-24T10:00:00+00:00",
+        "2026-11-24T11:00:00+01:00",
+        "2026-11-24T10:00:00",  # naive: UTC
+        "2026-11-24 10:00:00",
+        "2026-11-24T10:00:00.000Z",
+    ],
+)
+def test_stop_at_in_seconds_milliseconds_or_iso_is_the_same_instant(raw: str) -> None:
+    assert load_settings({**MINIMAL, "STOP_AT": raw}).stop_at == 1795514400.0
+
+
+def test_stop_at_numbers_are_told_apart_by_magnitude() -> None:
+    # Below 1e11 seconds (the year 5138), milliseconds from there (1e11 ms is 1973).
+    assert load_settings({**MINIMAL, "STOP_AT": "99999999999"}).stop_at == 99999999999.0
+    assert load_settings({**MINIMAL, "STOP_AT": "1500000000000"}).stop_at == 1500000000.0
+    assert load_settings({**MINIMAL, "STOP_AT": "1500000000"}).stop_at == 1500000000.0
+    assert load_settings({**MINIMAL, "STOP_AT": "99999999999999"}).stop_at == 99999999999.999
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "1795514400000000",  # microseconds: past milliseconds' range
+        "1400000000",  # 2014: before Binance's candles
+        "0",
+        "-1795514400",
+        "tomorrow",
+        "2026-13-01T00:00:00Z",
+        "1.7955e9",
+    ],
+)
+def test_a_stop_at_that_is_no_time_of_binance_is_refused_naming_the_rule(raw: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**MINIMAL, "STOP_AT": raw})
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"STOP_AT={raw!r} is not an ISO 8601 time, epoch seconds")
+    assert "below 1e11" in problem
+    assert "epoch milliseconds (below 1e14)" in problem
+
+
+def test_a_stop_at_in_the_past_is_valid() -> None:
+    """A retried pod gets the same STOP_AT, often past by then: it completes up to it."""
+    assert load_settings({**MINIMAL, "STOP_AT": "2020-01-01T00:00:00Z"}).stop_at == 1577836800.0
+
+
+@pytest.mark.parametrize(
+    ("env", "rule"),
+    [
+        ({"ROTATE_AFTER": "86400"}, "ROTATE_AFTER=86400 is not below 86400: Binance cuts"),
+        ({"ROTATE_AFTER": "90000"}, "ROTATE_AFTER=90000 is not below 86400"),
+        (
+            {"HEALTH_TIMEOUT": "10", "STALL_TIMEOUT": "10"},
+            "HEALTH_TIMEOUT=10 is not above STALL_TIMEOUT=10: the worker pings",
+        ),
+        ({"STALL_TIMEOUT": "120"}, "HEALTH_TIMEOUT=60 is not above STALL_TIMEOUT=120"),
+        ({"TERMINATION_GRACE_PERIOD": "5"}, "TERMINATION_GRACE_PERIOD=5 is not above 5"),
+        (
+            {"BINANCE_WS_URL": "wss://stream.binance.com:9443/ws?timeUnit=MICROSECOND"},
+            "has a query or fragment: the worker adds its own path and query",
+        ),
+        ({"BINANCE_WS_URL": "wss://stream.binance.com:9443/ws?"}, "has a query or fragment"),
+        ({"BINANCE_WS_URL": "wss://stream.binance.com:9443/ws#x"}, "has a query or fragment"),
+        ({"BINANCE_WS_URL": "wss:///ws"}, "has no host"),
+        ({"BINANCE_API_URL": "ws://:9443/ws-api/v3"}, "has no host"),
+    ],
+)
+def test_values_that_do_not_work_together_are_refused_with_the_rule(
+    env: dict[str, str], rule: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**MINIMAL, **env})
+    (problem,) = caught.value.problems
+    assert rule in problem
+
+
+def test_cross_checks_go_in_the_one_message_with_the_other_problems() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            {
+                **MINIMAL,
+                "ROTATE_AFTER": "86400",
+                "HEALTH_TIMEOUT": "5",
+                "BINANCE_WS_URL": "wss://example/ws?x=1",
+                "INTERVAL": "2m",
+                "STOP_AT": "1795514400000000",
+            }
+        )
+    text = str(caught.value)
+    for needle in ["ROTATE_AFTER", "HEALTH_TIMEOUT", "BINANCE_WS_URL", "'2m'", "STOP_AT"]:
+        assert needle in text
+    assert len(caught.value.problems) == 5
+
+
+def test_a_refused_value_is_not_judged_again_against_the_others() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**MINIMAL, "HEALTH_TIMEOUT": "-1", "STALL_TIMEOUT": "90"})
+    assert caught.value.problems == ["HEALTH_TIMEOUT='-1' is not a positive number of seconds"]
+
+
+def test_a_url_path_is_kept() -> None:
+    s = load_settings({**MINIMAL, "BINANCE_WS_URL": "wss://proxy.example:443/binance/ws"})
+    assert s.binance_ws_url == "wss://proxy.example:443/binance/ws"
+
+
 def test_every_problem_is_named_at_once() -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -18,7 +19,7 @@ from kafka_broker import KafkaBroker, Listener
 from timing import scaled
 
 from loader import Settings, Worker, contracts, load_settings, run
-from loader.testing import Emulator, Kline
+from loader.testing import Emulator, EmulatorConfig, Kline
 
 CANDLE_FIELDS = [
     "open_time", "open", "high", "low", "close", "volume", "close_time", "quote_asset_volume",
@@ -62,8 +63,22 @@ def worker_env(
     return env | extra
 
 
+def for_a_process(config: EmulatorConfig, seconds: float = 120.0) -> EmulatorConfig:
+    """A market that starts far enough back to stay behind the wall clock for `seconds` of
+    real time at its speed: a worker process holds frames against the wall clock, and one
+    from ahead of it is refused (loader/plausibility.py). Within a day of it, so not stale."""
+    behind_ms = int(config.speed * seconds * 1000)
+    assert behind_ms < 23 * 3_600_000, "a market that far back would be refused as stale"
+    now_ms = int(time.time() * 1000)
+    return config.replace(start_ms=(now_ms - behind_ms) // 60_000 * 60_000)
+
+
 def worker_settings(kafka: KafkaBroker, emulator: Emulator, topic: str, **extra: Any) -> Settings:
-    return load_settings(worker_env(kafka, emulator, topic, **extra))
+    """Settings from `worker_env`, with the emulator's market clock as the worker's: the
+    market runs faster than real time (or jumps), and the door refuses frames from ahead of
+    the clock it is given."""
+    settings = load_settings(worker_env(kafka, emulator, topic, **extra))
+    return msgspec.structs.replace(settings, clock=lambda: emulator.market_time_ms() / 1000)
 
 
 @asynccontextmanager

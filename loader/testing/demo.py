@@ -27,7 +27,7 @@ from loader.cli import serve
 from loader.kafka import open_consumer
 from loader.settings import ConfigError, Settings, load_settings
 from loader.testing.config import EmulatorConfig
-from loader.testing.server import serve_emulator
+from loader.testing.server import Emulator, serve_emulator
 
 LOCAL_DEFAULTS = {
     "QUEUE_ID": "local-demo",
@@ -96,6 +96,7 @@ async def main(env: Mapping[str, str]) -> int:
         # run from resuming after the first one's (future) candles.
         topic = f"candles-local-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
         env = {**LOCAL_DEFAULTS, "KAFKA_TOPIC": topic, **env}
+        emulator: Emulator | None = None
         if not env.get("BINANCE_WS_URL"):
             config = EmulatorConfig(speed=SPEED, seed=1, ssl_context=_trusted_server_context())
             emulator = await nursery.start(serve_emulator, config)
@@ -107,6 +108,12 @@ async def main(env: Mapping[str, str]) -> int:
         except ConfigError as exc:
             print(f"loader-ws-candles: {exc}", file=sys.stderr)
             return 2
+        if emulator is not None:
+            # Its market runs ahead of the wall clock, which the worker's door would refuse.
+            market = emulator
+            settings = msgspec.structs.replace(
+                settings, clock=lambda: market.market_time_ms() / 1000
+            )
         logs.configure(settings.log_format, {"queue_id": settings.queue_id})
         print(
             f"Streaming {', '.join(settings.stream_names)} into {settings.kafka_topic} "

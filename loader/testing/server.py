@@ -241,6 +241,20 @@ class Emulator:
         """Send a well-formed event of an unknown type (``"e":"futureEvent"``)."""
         return self._event(conn_ids, faults.unknown_event_payload(self.market_time_ms()))
 
+    def send_event(
+        self, payload: bytes, stream: str | None = None, conn_ids: Iterable[int] | None = None
+    ) -> int:
+        """Send ``payload``, any JSON event (a hand-made kline dated ten years ahead, say),
+        as the next frame of the market-stream connections carrying ``stream`` (all of them
+        without it), wrapped under ``stream`` on combined ones; it is not part of the market
+        (``closed_klines`` knows nothing of it)."""
+        targets = self._targets(conn_ids)
+        if stream is not None:
+            targets = [c for c in targets if stream in c.list_subscriptions()]
+        for c in targets:
+            c.push_event(payload, stream or c.first_stream())
+        return len(targets)
+
     def _push(self, conn_ids: Iterable[int] | None, frame: bytes) -> int:
         targets = self._targets(conn_ids)
         for c in targets:
