@@ -10,7 +10,7 @@ import trio.testing
 from loader.binance import Kline, KlineEvent, KlineUpdate, KlineUpdateEvent
 from loader.guard import Gap
 from loader.schema import Candle, Record
-from loader.settings import load_settings
+from loader.settings import Settings, load_settings
 from loader.source import Backoff, Source
 from loader.stats import Stats
 
@@ -33,9 +33,14 @@ def event(open_time: int, *, closed: bool = True, symbol: str = "BTCUSDT", price
     return KlineEvent(event_time=event_time or open_time + 1, symbol=symbol, kline=k)
 
 
+def epoch_settings(**env: str) -> Settings:
+    """Settings whose door holds frames against a clock of these candles' time: the epoch's
+    first minutes."""
+    return msgspec.structs.replace(load_settings({**SETTINGS_ENV, **env}), clock=lambda: 200.0)
+
+
 async def published(events: list[KlineEvent], **env: str) -> tuple[list[Candle], Stats]:
-    # The door holds frames against this clock: these candles are of the epoch's first minutes.
-    settings = msgspec.structs.replace(load_settings({**SETTINGS_ENV, **env}), clock=lambda: 200.0)
+    settings = epoch_settings(**env)
     send, receive = trio.open_memory_channel[Record](100)
     stats = Stats()
     source = Source(settings, send, stats, resume={("BTCUSDT", "1m"): 0})
@@ -115,7 +120,7 @@ async def _handover(*, cancel_old: bool) -> tuple[list[int], Stats]:
     what was before it, so X goes in and the old reader is woken, but before it runs, the new
     connection (promoted) routes its own copy of X (or the old reader is cancelled instead,
     X never handed). Returns the open times the sink got, after the candle before."""
-    settings = load_settings(SETTINGS_ENV)
+    settings = epoch_settings()
     send, receive = trio.open_memory_channel[Record](1)
     stats = Stats()
     router = Source(settings, send, stats, resume={("BTCUSDT", "1m"): 0}).router
@@ -170,7 +175,7 @@ async def test_a_candle_whose_send_was_cancelled_is_published_by_the_new_connect
 async def test_a_frame_of_the_next_candle_does_not_fill_the_candle_in_flight() -> None:
     """As above, but the promoted connection's first frame is an update of the candle after
     X: read before the old reader's send ended, it took X for missing and filled it again."""
-    settings = load_settings(SETTINGS_ENV)
+    settings = epoch_settings()
     send, receive = trio.open_memory_channel[Record](1)
     router = Source(settings, send, Stats(), resume={("BTCUSDT", "1m"): 0}).router
     fills: list[Gap] = []
