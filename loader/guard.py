@@ -13,7 +13,11 @@ The reader, the backfiller and the stop logic ask it what to do and tell it what
   new gap (a held candle evicted, or history short of candles) to fill before the rest.
 
 Times are epoch ms; `BACKFILL_WINDOW` applies to the missing candles' close times, measured
-back from the event time of the frame that revealed the gap (Binance's clock, not ours).
+back from the event time of the frame that revealed the gap (Binance's clock, not ours). The
+last `ALWAYS_FILLED` candles of a gap are fetched whatever the window: a weekly candle that
+closed on Sunday night and is found missing on Tuesday costs one request, and a window counted
+in hours would otherwise lose it (likewise `1M`, `3d`, `1d` after an outage a little longer
+than a day).
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ import collections
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
-from loader.intervals import candle_open, count_between, next_open
+from loader.intervals import candle_open, count_between, next_open, open_before
 
 T = TypeVar("T")
 
 Verdict = Literal["publish", "drop", "hold"]
+
+# The newest candles of a gap that are fetched even when they closed before the window.
+ALWAYS_FILLED = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +107,10 @@ class StreamGuard(Generic[T]):
             return None
         first = self.next_open
         # A candle is fillable while it closed at or after `event_time - window`: the first
-        # such candle is the one containing that instant.
-        start = min(max(first, candle_open(self.interval, event_time - self.window_ms)), end)
+        # such candle is the one containing that instant. The gap's last candles are
+        # fillable whatever the window.
+        windowed = candle_open(self.interval, event_time - self.window_ms)
+        start = min(max(first, min(windowed, open_before(self.interval, end, ALWAYS_FILLED))), end)
         gap = Gap(first, start, end, count_between(self.interval, first, start))
         if start > first:
             # The hole is reported by the caller; the stream goes on after it.

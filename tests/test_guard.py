@@ -10,8 +10,15 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loader.guard import Gap, StreamGuard
-from loader.intervals import INTERVALS, candle_open, count_between, length_ms, next_open
+from loader.guard import ALWAYS_FILLED, Gap, StreamGuard
+from loader.intervals import (
+    INTERVALS,
+    candle_open,
+    count_between,
+    length_ms,
+    next_open,
+    open_before,
+)
 
 # Between 2017 and 2040: Binance's history, and then some.
 instants = st.integers(min_value=1_483_228_800_000, max_value=2_208_988_800_000)
@@ -44,6 +51,14 @@ def test_count_between_counts_candles(interval: str, ms: int, n: int) -> None:
     for _ in range(n):
         t = next_open(interval, t)
     assert count_between(interval, first, t) == n
+
+
+@given(st.sampled_from(INTERVALS), instants, st.integers(0, 40))
+def test_open_before_steps_back_over_whole_candles(interval: str, ms: int, n: int) -> None:
+    opened = candle_open(interval, ms)
+    earlier = open_before(interval, opened, n)
+    assert candle_open(interval, earlier) == earlier
+    assert count_between(interval, earlier, opened) == n
 
 
 @dataclass
@@ -189,6 +204,40 @@ def test_the_window_applies_to_close_times_for_long_intervals() -> None:
     guard = StreamGuard[int]("1w", 86_400_000, resume=monday)
     gap = guard.observe(monday + 2 * week, monday + 2 * week + 60_000)
     assert gap == Gap(monday + week, monday + week, monday + 2 * week, 0)
+
+
+def test_the_weekly_candle_closed_before_a_short_window_is_still_filled() -> None:
+    """An outage from Sunday to Tuesday with the default one-day window: the weekly candle
+    that closed on Sunday night closed more than a day before the Tuesday frame, and is
+    filled all the same (one request), not lost."""
+    day, week = 86_400_000, 7 * 86_400_000
+    monday = candle_open("1w", 1_790_000_000_000)
+    guard = StreamGuard[int]("1w", day, resume=monday - week)
+    tuesday_noon = monday + week + day + day // 2
+    gap = guard.observe(monday + week, tuesday_noon)
+    assert gap == Gap(monday, monday, monday + week, 0)
+
+
+@settings(max_examples=500)
+@given(st.sampled_from(INTERVALS), instants, st.integers(1, 30), st.integers(0, 40 * 86_400_000),
+       st.integers(0, 400 * 86_400))  # fmt: skip
+def test_the_last_candles_of_a_gap_are_fetched_whatever_the_window(
+    interval: str, ms: int, missing: int, late: int, window_s: int
+) -> None:
+    first = candle_open(interval, ms)
+    end = first
+    for _ in range(missing):
+        end = next_open(interval, end)
+    guard = StreamGuard[int](interval, window_s * 1000, resume=open_before(interval, first))
+    gap = guard.gap_to(end, end + late)
+    assert gap is not None
+    assert (gap.first_missing, gap.end) == (first, end)
+    # Every missing candle is either fetched or reported, and the newest ones are fetched.
+    assert gap.lost + count_between(interval, gap.start, gap.end) == missing
+    assert count_between(interval, gap.start, gap.end) >= min(ALWAYS_FILLED, missing)
+    # Within the window (close time at or after the reveal less the window), none is lost.
+    window_start = end + late - window_s * 1000
+    assert gap.lost == 0 or gap.start - 1 < window_start  # the last lost one's close
 
 
 def test_an_outage_longer_than_the_window_is_a_reported_hole() -> None:
