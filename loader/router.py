@@ -16,7 +16,6 @@ import trio
 
 from loader.binance import BadFrame, Kline, KlineEvent, KlineUpdateEvent, RecordEncoder, stream_name
 from loader.guard import Gap, StreamGuard
-from loader.intervals import count_between
 from loader.logs import ThrottledLog
 from loader.schema import Record
 from loader.settings import Settings
@@ -42,6 +41,7 @@ class Router:
         resume: dict[Stream, int] | None = None,
         on_hole: Callable[[str], object] = lambda _: None,
         streams: Iterable[Stream] | None = None,
+        resume_unknown: Iterable[Stream] = (),
     ) -> None:
         self.settings = settings
         self.candles = candles
@@ -52,6 +52,10 @@ class Router:
         self.guards: dict[Stream, Guard] = {}
         for stream in settings.streams if streams is None else streams:
             self.add(stream, resume.get(stream, -1))
+        for stream in resume_unknown:
+            if (guard := self.guards.get(stream)) is not None:
+                guard.resume_lost()
+                self.hole(stream, -1, -1, -1, "resume point unknown")
         self.all_candles = settings.all_candles
         # Each candle's Kafka record, built once here: value bytes, key cached per stream.
         self.encode = RecordEncoder(with_state=settings.all_candles)
@@ -171,9 +175,8 @@ class Router:
         """A closed candle from history, in a fill of this stream."""
         if k.open_time < guard.next_open:
             return
-        if k.open_time > guard.next_open:
-            missing = count_between(k.interval, guard.next_open, k.open_time)
-            self.hole(stream, guard.next_open, k.open_time, missing, "history lacks")
+        if (lacks := guard.skip_to(k.open_time)) is not None:
+            self.hole(stream, lacks.first, lacks.end, lacks.count, "history lacks")
         if await self.publish(guard, k):
             self.stats.candles_backfilled += 1
 
@@ -187,15 +190,23 @@ class Router:
             self.fill(stream, guard, gap)
 
     def hole(self, stream: Stream, start: int, end: int, count: int, why: str) -> None:
-        """Candles that will never be published: never silent."""
-        if count <= 0:
+        """Candles that will never be published: never silent. A count of -1 is a hole of
+        unknown size (a stream whose resume point was lost)."""
+        if count == 0:
             return
-        self.stats.candles_lost += count
+        self.stats.candles_lost += max(0, count)
         self.stats.holes += 1
         name = stream_name(*stream)
-        message = (
-            f"{count} closed candles of {name} opening from {start} to before {end} lost ({why})"
-        )
+        if count < 0:
+            message = (
+                f"an unknown number of closed candles of {name} before its first one of this "
+                f"run lost ({why}: it starts afresh from the first candle it sees)"
+            )
+        else:
+            message = (
+                f"{count} closed candles of {name} opening from {start} to before {end} lost "
+                f"({why})"
+            )
         log.error(message, extra={"stream": name, "gap_start": start, "gap_end": end})
         self.on_hole(message)
 

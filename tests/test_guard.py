@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loader.guard import ALWAYS_FILLED, Gap, StreamGuard
+from loader.guard import ALWAYS_FILLED, HOLES_KEPT, Gap, Hole, StreamGuard
 from loader.intervals import (
     INTERVALS,
     candle_open,
@@ -107,7 +107,8 @@ class Run:
         for o in self.opens:
             if gap.start <= o < gap.end and o > self.guard.last_closed:
                 self.publish(o)
-        self.lost += self.guard.finish_fill(gap.end)
+        lacking = self.guard.finish_fill(gap.end)
+        self.lost += lacking.count if lacking is not None else 0
         while True:
             step = self.guard.release(now)
             if step is None:
@@ -173,6 +174,17 @@ def test_every_candle_once_in_order_or_reported(
     expected = [o for o in run.opens[first + resume :] if o <= run.opens[top]]
     assert set(published) <= set(expected)
     assert len(expected) - len(published) == run.lost
+    # The guard keeps each hole: with the published candles they cover the stream exactly.
+    holes = run.guard.holes
+    if run.guard.holes_more:
+        assert len(holes) == HOLES_KEPT
+        return
+    assert sum(h.count for h in holes) == run.lost
+    for o in expected:
+        within = [h for h in holes if h.first <= o < h.end]
+        assert len(within) == (0 if o in published else 1), o
+    boundary = next_open(interval, published[-1])
+    assert (run.guard.holes_before(boundary) == []) == (run.lost == 0)
 
 
 @settings(max_examples=200)
@@ -253,11 +265,47 @@ def test_history_short_of_candles_is_a_hole_and_held_candles_follow() -> None:
     assert gap is not None
     guard.hold(5 * 60_000, 6 * 60_000, "five")
     guard.published(60_000)  # history had only candle 1
-    assert guard.finish_fill(gap.end) == 3
+    assert guard.finish_fill(gap.end) == Hole(2 * 60_000, 5 * 60_000, 3)
     assert guard.release(0) == ("publish", 5 * 60_000, "five")
     guard.published(5 * 60_000)
     assert guard.release(0) is None
     assert not guard.filling
+
+
+def test_history_lacking_candles_inside_a_fill_is_a_kept_hole() -> None:
+    guard = StreamGuard[int]("1m", 86_400_000, resume=0)
+    assert guard.observe(6 * 60_000, 6 * 60_000 + 2000) is not None
+    guard.published(60_000)
+    assert guard.skip_to(4 * 60_000) == Hole(2 * 60_000, 4 * 60_000, 2)
+    guard.published(4 * 60_000)
+    assert guard.skip_to(5 * 60_000) is None
+    assert guard.holes_before(2 * 60_000) == []
+    assert guard.holes_before(2 * 60_000 + 1) == [Hole(2 * 60_000, 4 * 60_000, 2)]
+
+
+def test_a_lost_resume_point_is_a_hole_of_unknown_size_before_the_first_candle() -> None:
+    guard = StreamGuard[int]("1m", 86_400_000)
+    guard.resume_lost()
+    assert guard.holes_before(0) == [Hole(-1, -1, -1)]
+    assert guard.observe(7 * 60_000, 7 * 60_000 + 2000) is None
+    assert guard.closed(7 * 60_000) == "publish"
+    (hole,) = guard.holes_before(8 * 60_000)
+    assert hole == Hole(-1, 7 * 60_000, -1)
+    assert hole.unknown
+    assert guard.reached(7 * 60_000)
+
+
+def test_holes_past_the_kept_ones_are_counted() -> None:
+    guard = StreamGuard[int]("1s", 1000, resume=0)
+    for n in range(HOLES_KEPT + 3):
+        start = n * 100_000
+        gap = guard.gap_to(start + 50_000, start + 50_000)
+        assert gap is not None
+        assert gap.lost > 0
+        guard.filling = False
+        guard.published(start + 99_000)
+    assert len(guard.holes) == HOLES_KEPT
+    assert guard.holes_more == 3
 
 
 def test_held_candles_past_the_limit_are_shed_and_their_gap_filled() -> None:
@@ -269,7 +317,7 @@ def test_held_candles_past_the_limit_are_shed_and_their_gap_filled() -> None:
     assert guard.evicted == 1
     for o in (1000, 2000):
         guard.published(o)
-    assert guard.finish_fill(3000) == 0
+    assert guard.finish_fill(3000) is None
     assert guard.release(6000) == Gap(3000, 3000, 4000, 0)
     assert guard.filling
 
