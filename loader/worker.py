@@ -265,7 +265,8 @@ async def _run(
                     stop_reading.set()  # a stop during the scan ends the thread's reading too
                 notices_in, notices_out = trio.open_memory_channel[str](64)
                 source = Source(
-                    settings, candles_in, worker.stats, resume=resume, streams=streams,
+                    settings, candles_in, worker.stats, resume=resume.points, streams=streams,
+                    resume_unknown=resume.unknown,
                     on_hole=lambda message: _offer(notices_in, f"hole: {message}"),
                     listing=listing, on_notice=lambda message: _offer(notices_in, message),
                 )  # fmt: skip

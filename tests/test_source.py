@@ -105,3 +105,24 @@ def test_backoff_allows_a_few_attempts_a_minute() -> None:
     times = trio.run(attempts, clock=trio.testing.MockClock(autojump_threshold=0))
     start = times[0]
     assert [round(t - start) for t in times] == [0, 0, 0, 60, 60, 60, 120]
+
+
+@pytest.mark.anyio
+async def test_a_lost_resume_point_is_reported_and_kept_as_a_hole_until_stop_at() -> None:
+    """A stream whose resume point the scan could not find: reported at once as a hole of
+    unknown size, and still a hole when STOP_AT comes, though it publishes from its first
+    candle on."""
+    settings = load_settings(SETTINGS_ENV)
+    send, _receive = trio.open_memory_channel[Record](100)
+    stats = Stats()
+    told: list[str] = []
+    source = Source(settings, send, stats, resume_unknown=[("BTCUSDT", "1m")], on_hole=told.append)
+    assert len(told) == 1
+    assert "btcusdt@kline_1m" in told[0]
+    assert "resume point unknown" in told[0]
+    assert (stats.holes, stats.candles_lost) == (1, 0)
+    await source.kline(event(600_000))
+    assert source.lagging(659_999) == []
+    ((stream, (holes, more)),) = source.holes(659_999).items()
+    assert stream == ("BTCUSDT", "1m")
+    assert [(h.first, h.end, h.count, more) for h in holes] == [(-1, 600_000, -1, 0)]
