@@ -52,10 +52,7 @@ class Router:
         self.guards: dict[Stream, Guard] = {}
         for stream in settings.streams if streams is None else streams:
             self.add(stream, resume.get(stream, -1))
-        for stream in resume_unknown:
-            if (guard := self.guards.get(stream)) is not None:
-                guard.resume_lost()
-                self.hole(stream, -1, -1, -1, "resume point unknown")
+        self._resume_lost([s for s in resume_unknown if s in self.guards])
         self.all_candles = settings.all_candles
         # Each candle's Kafka record, built once here: value bytes, key cached per stream.
         self.encode = RecordEncoder(with_state=settings.all_candles)
@@ -189,24 +186,34 @@ class Router:
             self.stats.fills_started += 1
             self.fill(stream, guard, gap)
 
-    def hole(self, stream: Stream, start: int, end: int, count: int, why: str) -> None:
-        """Candles that will never be published: never silent. A count of -1 is a hole of
-        unknown size (a stream whose resume point was lost)."""
-        if count == 0:
+    def _resume_lost(self, streams: list[Stream]) -> None:
+        """Streams the resume scan could not place: each starts afresh after a hole of unknown
+        size, told once for them all (a deep topic may leave many unplaced)."""
+        if not streams:
             return
-        self.stats.candles_lost += max(0, count)
+        for stream in streams:
+            self.guards[stream].resume_lost()
+        self.stats.holes += len(streams)
+        names = [stream_name(*s) for s in streams]
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" * (len(names) > 10))
+        message = (
+            f"an unknown number of closed candles of {len(streams)} stream(s) lost ({shown}): "
+            "their resume points were not found in time, so each starts afresh from the first "
+            "candle it sees"
+        )
+        log.error(message)
+        self.on_hole(message)
+
+    def hole(self, stream: Stream, start: int, end: int, count: int, why: str) -> None:
+        """Candles that will never be published: never silent."""
+        if count <= 0:
+            return
+        self.stats.candles_lost += count
         self.stats.holes += 1
         name = stream_name(*stream)
-        if count < 0:
-            message = (
-                f"an unknown number of closed candles of {name} before its first one of this "
-                f"run lost ({why}: it starts afresh from the first candle it sees)"
-            )
-        else:
-            message = (
-                f"{count} closed candles of {name} opening from {start} to before {end} lost "
-                f"({why})"
-            )
+        message = (
+            f"{count} closed candles of {name} opening from {start} to before {end} lost ({why})"
+        )
         log.error(message, extra={"stream": name, "gap_start": start, "gap_end": end})
         self.on_hole(message)
 

@@ -119,7 +119,7 @@ async def test_a_lost_resume_point_is_reported_and_kept_as_a_hole_until_stop_at(
     source = Source(settings, send, stats, resume_unknown=[("BTCUSDT", "1m")], on_hole=told.append)
     assert len(told) == 1
     assert "btcusdt@kline_1m" in told[0]
-    assert "resume point unknown" in told[0]
+    assert "resume points were not found" in told[0]
     assert (stats.holes, stats.candles_lost) == (1, 0)
     await source.kline(event(600_000))
     assert source.lagging(659_999) == []
