@@ -154,9 +154,11 @@ def resume_points(
     stop: threading.Event | None = None,
     *,
     streams: Iterable[tuple[str, str]] | None = None,
-    budget: float = PARTITION_BUDGET,
+    budget: float | None = None,
 ) -> Resume:
-    """Blocking: where each of `streams` (by default the named ones) left off in the topic."""
+    """Blocking: where each of `streams` (by default the named ones) left off in the topic,
+    reading each partition at most `budget` seconds (by default `PARTITION_BUDGET`)."""
+    budget = PARTITION_BUDGET if budget is None else budget
     wanted = settings.streams if streams is None else streams
     keys = {f"{s}-{i}".encode(): (s, i) for s, i in wanted}
     consumer = open_consumer(settings.kafka, timeout=30.0)

@@ -24,8 +24,18 @@ from kafka import KafkaProducer
 from kafka.partitioner.default import murmur2
 from kafka_broker import KafkaBroker
 from timing import scaled
-from worker_tools import candles, env_without_kafka_vars, produce, read_topic, telemetry, worker_env
+from worker_tools import (
+    candles,
+    env_without_kafka_vars,
+    produce,
+    read_topic,
+    running_worker,
+    telemetry,
+    worker_env,
+    worker_settings,
+)
 
+import loader.resume
 from loader.intervals import candle_open
 from loader.resume import Resume, ResumeCancelled, resume_points
 from loader.settings import Settings, load_settings
@@ -207,3 +217,35 @@ async def test_a_restart_after_an_outage_longer_than_the_window_fills_it_and_rep
     assert lost == 11
     logged = [json.loads(line) for line in output.decode().splitlines() if line.strip()]
     assert len([x for x in logged if x["level"] == "error" and hole in x["event"]]) == 1
+
+
+async def test_a_lost_resume_point_is_told_at_start_and_stop_at_over_it_is_not_finished(
+    kafka: KafkaBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The topic holds the stream, but its partition's budget runs out before the scan finds
+    it: the run says so at once (a `hole:` event), streams from its first candle on, and
+    reaching STOP_AT ends in a final `error` naming the stream, not `finished`."""
+    monkeypatch.setattr(loader.resume, "PARTITION_BUDGET", 0.0)
+    topic = await trio.to_thread.run_sync(kafka.new_topic, "resume-lost")
+    await trio.to_thread.run_sync(produce, kafka, topic, [_candle(0)], b"BTCUSDT-1m")
+    clock = EmulatorConfig(speed=1e-6, seed=3, ping_interval=0.5, pong_timeout=2.0)
+    config = clock.replace(start_ms=candle_open("1m", int(time.time() * 1000)))
+    async with open_emulator(config) as emulator:
+        opens = [emulator.market.open_time("1m", i) for i in range(4)]
+        settings = worker_settings(kafka, emulator, topic, STOP_AT=str(opens[3] - 1))
+        async with running_worker(settings) as worker:
+            await emulator.wait_connections(1)
+            emulator.advance_to(opens[2] + 3_000)
+            await worker.wait_written(2)
+            emulator.advance_to(opens[3] + 3_000)  # candle 2 closes: STOP_AT is passed
+            with trio.fail_after(scaled(30)):
+                outcome = await worker.finished()
+        published = [c["open_time"] for c in candles(await read_topic(kafka, topic))]
+    assert published == [0, *opens[:3]]
+    assert (outcome.status, outcome.exit_code, outcome.final) == ("error", 3, True)
+    assert outcome.message.startswith(f"holes: BTCUSDT-1m ..{opens[0] - 1} (resume point lost")
+    events = telemetry(await read_topic(kafka, settings.queue_events_topic))
+    holes = [str(e["message"]) for e in events if str(e["message"]).startswith("hole:")]
+    assert len(holes) == 1
+    assert "btcusdt@kline_1m" in holes[0]
+    assert "resume points were not found" in holes[0]
