@@ -9,8 +9,10 @@ The reader, the backfiller and the stop logic ask it what to do and tell it what
 - `closed(open_time)` for a closed candle: publish, drop (a repeat or older), or hold (a fill
   is in progress: later candles wait, so the stream stays in order).
 - `published(open_time)` once a closed candle is in the channel, from the reader or a fill.
-- `finish_fill(end)` then `release()` until it returns None: the held candles in order, or a
-  new gap (a held candle evicted, or history short of candles) to fill before the rest.
+- `skip_to(open_time)` when a fill's next candle from history is later than expected (history
+  lacks the ones between), `finish_fill(end)` when the fill is done, then `release()` until it
+  returns None: the held candles in order, or a new gap (a held candle evicted, or history
+  short of candles) to fill before the rest.
 
 Wherever it moves the stream past candles that will never be published (before the window,
 absent from history, or before the first candle of a stream whose resume point was lost), it
@@ -116,8 +118,8 @@ class StreamGuard(Generic[T]):
             self.published(resume)
 
     def resume_lost(self) -> None:
-        """Kafka holds this stream's candles, but where they end is unknown (the resume scan
-        ran out of its budget): it starts fresh, after a hole of unknown size."""
+        """Kafka may hold this stream's candles, but where they end is unknown (the resume
+        scan ran out of its budget): it starts fresh, after a hole of unknown size."""
         if self.next_open < 0:
             self.holes.insert(0, Hole(-1, -1, -1))
 
