@@ -133,6 +133,16 @@ def _free_port() -> int:
         return port
 
 
+async def _until_hole_told(kafka: KafkaBroker, events: str) -> None:
+    """Return once the events topic holds a `hole:` event (each read waits for one more)."""
+    seen = 0
+    while True:
+        records = await read_topic(kafka, events, expected=seen + 1)
+        if any(json.loads(r.value)["message"].startswith("hole:") for r in records):
+            return
+        seen = len(records)
+
+
 def _metric(port: int, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
@@ -204,6 +214,7 @@ async def test_a_restart_after_an_outage_longer_than_the_window_fills_it_and_rep
                 # gap: 14..27 closed within the 15 s before it, 3..13 before that.
                 emulator.advance_to(opens(29)[0] + 500)
                 await read_topic(kafka, topic, expected=3 + 15)
+                await _until_hole_told(kafka, f"{topic}-events")
                 lost = await trio.to_thread.run_sync(_metric, port, "loader_candles_lost_total")
                 second.send_signal(signal.SIGTERM)
                 assert await second.wait() == 143
