@@ -408,8 +408,7 @@ async def _stop_at(worker: Worker, source: Source, stop_at: float) -> None:
         # `finished` over them: this run's outcome is final.
         also = f"; {len(short)} stream(s) also lack their last candles" if short else ""
         worker.stop(
-            f"{_holes(holes)}; reached STOP_AT with these candles missing, which Binance no "
-            f"longer serves{also}",
+            f"{_holes(holes)}; reached STOP_AT with these candles missing for good{also}",
             status="error",
             final=True,
             exit_code=HOLES_EXIT,
