@@ -150,7 +150,7 @@ def resume_time() -> tuple[int, float]:
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap(),
     })  # fmt: skip
     began = time.monotonic()
-    found = resume_points(settings)
+    found = resume_points(settings).points
     took = time.monotonic() - began
     assert len(found) == 1024, len(found)
     assert set(found.values()) == {last}

@@ -78,8 +78,9 @@ class Backfiller:
                 async with self._slots:
                     await self._fetch(stream, guard, gap)
                 lacking = guard.finish_fill(gap.end)
-                if lacking:
-                    self.router.hole(stream, gap.end, gap.end, lacking, "history lacks")
+                if lacking is not None:
+                    self.router.hole(stream, lacking.first, lacking.end, lacking.count,
+                                     "history lacks")  # fmt: skip
                 gap = await self._release(stream, guard)
         except HistoryError as exc:
             # Only an unknown symbol gets here (`_page`); its streams are dropped with it.

@@ -4,7 +4,8 @@
 instead (`loader/contracts`).
 
 Exit codes: 0 finished or stopped by command, 1 runtime failure (retryable), 2 bad
-configuration (retrying cannot help), 128+signal when stopped by SIGTERM (143) or SIGINT (130).
+configuration (retrying cannot help), 3 STOP_AT reached over holes (candles missing that
+retrying cannot bring back), 128+signal when stopped by SIGTERM (143) or SIGINT (130).
 """
 
 from __future__ import annotations

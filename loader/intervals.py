@@ -54,6 +54,13 @@ def next_open(interval: str, open_ms: int) -> int:
     return open_ms + length_ms(interval)
 
 
+def open_before(interval: str, open_ms: int, n: int = 1) -> int:
+    """Open time of the candle `n` before the one opening at `open_ms`."""
+    if interval == "1M":
+        return _month_start(_month(open_ms) - n)
+    return open_ms - n * length_ms(interval)
+
+
 def count_between(interval: str, first_open: int, stop_open: int) -> int:
     """How many candles open in `[first_open, stop_open)`; both are candle opens."""
     if stop_open <= first_open:

@@ -16,7 +16,7 @@ import trio
 
 from loader.binance import BadFrame, Kline, KlineEvent, KlineUpdateEvent, RecordEncoder, stream_name
 from loader.guard import Gap, StreamGuard
-from loader.intervals import INTERVALS, count_between
+from loader.intervals import INTERVALS
 from loader.logs import ThrottledLog
 from loader.plausibility import DESCRIPTIONS, Refusal, event_age_limit, refusal
 from loader.schema import Record
@@ -45,6 +45,7 @@ class Router:
         resume: dict[Stream, int] | None = None,
         on_hole: Callable[[str], object] = lambda _: None,
         streams: Iterable[Stream] | None = None,
+        resume_unknown: Iterable[Stream] = (),
     ) -> None:
         self.settings = settings
         self.candles = candles
@@ -55,6 +56,7 @@ class Router:
         self.guards: dict[Stream, Guard] = {}
         for stream in settings.streams if streams is None else streams:
             self.add(stream, resume.get(stream, -1))
+        self._resume_lost([s for s in resume_unknown if s in self.guards])
         self.all_candles = settings.all_candles
         # Each candle's Kafka record, built once here: value bytes, key cached per stream.
         self.encode = RecordEncoder(with_state=settings.all_candles)
@@ -204,9 +206,8 @@ class Router:
         """A closed candle from history, in a fill of this stream."""
         if k.open_time < guard.next_open:
             return
-        if k.open_time > guard.next_open:
-            missing = count_between(k.interval, guard.next_open, k.open_time)
-            self.hole(stream, guard.next_open, k.open_time, missing, "history lacks")
+        if (lacks := guard.skip_to(k.open_time)) is not None:
+            self.hole(stream, lacks.first, lacks.end, lacks.count, "history lacks")
         if await self.publish(guard, k):
             self.stats.candles_backfilled += 1
 
@@ -218,6 +219,24 @@ class Router:
                 raise RuntimeError("a gap to fill, and no backfiller running")
             self.stats.fills_started += 1
             self.fill(stream, guard, gap)
+
+    def _resume_lost(self, streams: list[Stream]) -> None:
+        """Streams the resume scan could not place: each starts afresh after a hole of unknown
+        size, told once for them all (a deep topic may leave many unplaced)."""
+        if not streams:
+            return
+        for stream in streams:
+            self.guards[stream].resume_lost()
+        self.stats.holes += len(streams)
+        names = [stream_name(*s) for s in streams]
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" * (len(names) > 10))
+        message = (
+            f"an unknown number of closed candles of {len(streams)} stream(s) lost ({shown}): "
+            "their resume points were not found in time, so each starts afresh from the first "
+            "candle it sees"
+        )
+        log.error(message)
+        self.on_hole(message)
 
     def hole(self, stream: Stream, start: int, end: int, count: int, why: str) -> None:
         """Candles that will never be published: never silent."""

@@ -38,6 +38,7 @@ from loader.binance import (
     stream_path,
 )
 from loader.errors import FatalError
+from loader.guard import Hole
 from loader.history import HistoryClient
 from loader.intervals import candle_open
 from loader.listings import Listing, follow_listings
@@ -386,14 +387,16 @@ class Source:
         streams: Sequence[Stream] | None = None,
         listing: Listing | None = None,
         on_notice: Callable[[str], object] = lambda _: None,
+        resume_unknown: Sequence[Stream] = (),
     ) -> None:
         self.settings = settings
         self.candles = candles
         self.stats = stats
         self.streams: list[Stream] = list(settings.streams if streams is None else streams)
         self.router = Router(
-            settings, candles, stats, resume=resume, on_hole=on_hole, streams=self.streams
-        )
+            settings, candles, stats, resume=resume, on_hole=on_hole, streams=self.streams,
+            resume_unknown=resume_unknown,
+        )  # fmt: skip
         self.guards = self.router.guards
         self.plan = ConnectionPlan.initial(
             [stream_name(*s) for s in self.streams], settings.streams_per_connection
@@ -480,6 +483,15 @@ class Source:
             for s, g in self.guards.items()
             if g.next_open >= 0 and not g.reached(candle_open(s[1], stop_ms + 1))
         ]
+
+    def holes(self, stop_ms: int) -> dict[Stream, tuple[list[Hole], int]]:
+        """Per stream with any: its holes among the candles closing at or before `stop_ms`,
+        and how many more holes it had that were not kept (see `StreamGuard.holes_more`)."""
+        found: dict[Stream, tuple[list[Hole], int]] = {}
+        for stream, guard in self.guards.items():
+            if kept := guard.holes_before(candle_open(stream[1], stop_ms + 1)):
+                found[stream] = (kept, guard.holes_more)
+        return found
 
     async def complete_until(self, stop_ms: int, within: float) -> list[Stream]:
         """Wait (at most `within` s) until every candle closing at or before `stop_ms` is

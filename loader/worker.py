@@ -30,6 +30,7 @@ from kafka import KafkaProducer
 from loader.binance import stream_name
 from loader.control import watch_control
 from loader.errors import FatalError
+from loader.guard import Hole
 from loader.kafka import (
     KafkaFailure,
     MissingTopics,
@@ -55,6 +56,10 @@ log = logging.getLogger(__name__)
 # Seconds of the shutdown budget kept for the terminal event, and for closing the producer.
 TELEMETRY_RESERVE = 3.0
 CLOSE_RESERVE = 2.0
+# STOP_AT reached with candles missing that no retry can bring back (holes): final, failed.
+HOLES_EXIT = 3
+# Holes named in that terminal message; the rest are counted.
+HOLES_LISTED = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +289,8 @@ async def _run(
                     stop_reading.set()  # a stop during the scan ends the thread's reading too
                 notices = Notices()
                 source = Source(
-                    settings, candles_in, worker.stats, resume=resume, streams=streams,
+                    settings, candles_in, worker.stats, resume=resume.points, streams=streams,
+                    resume_unknown=resume.unknown,
                     on_hole=lambda message: notices.offer(f"{HOLE}{message}"),
                     listing=listing, on_notice=notices.offer,
                 )  # fmt: skip
@@ -353,6 +359,29 @@ def _then(final: bool, code: int) -> str:
     return f"; exit {code}: retrying cannot help" if code else ""
 
 
+def _holes(holes: dict[tuple[str, str], tuple[list[Hole], int]]) -> str:
+    """`holes: BTCUSDT-1m 1700000000000..1700000059999 (1 candles), ...`: each hole from its
+    first candle's open time to its last one's close time."""
+    named: list[str] = []
+    total = 0
+    for (symbol, interval), (kept, more) in holes.items():
+        key = f"{symbol}-{interval}"
+        for hole in kept:
+            if not hole.unknown:
+                total += hole.count
+                named.append(f"{key} {hole.first}..{hole.end - 1} ({hole.count} candles)")
+            elif hole.end >= 0:
+                named.append(f"{key} ..{hole.end - 1} (resume point lost: how many unknown)")
+            else:
+                named.append(f"{key} (resume point lost, and not heard from since)")
+        if more:
+            named.append(f"{key} {more} later hole(s)")
+    listed = ", ".join(named[:HOLES_LISTED])
+    if len(named) > HOLES_LISTED:
+        listed += f" and {len(named) - HOLES_LISTED} more"
+    return f"holes: {listed} ({total} candles known missing in {len(holes)} stream(s))"
+
+
 def _first_failure(exc: BaseException) -> BaseException:
     """The first real error out of a (nested) exception group, for one clear message."""
     while isinstance(exc, BaseExceptionGroup):
@@ -389,6 +418,17 @@ async def _stop_at(worker: Worker, source: Source, stop_at: float) -> None:
     with trio.move_on_at(trio.current_time() + max(0.0, stop_at - time.time())):
         await source.router.wait_event_time(stop_ms)
     short = await source.complete_until(stop_ms, worker.settings.stop_grace)
+    if holes := source.holes(stop_ms):
+        # A retry would resume after the last candle in Kafka, past the holes, and could end
+        # `finished` over them: this run's outcome is final.
+        also = f"; {len(short)} stream(s) also lack their last candles" if short else ""
+        worker.stop(
+            f"{_holes(holes)}; reached STOP_AT with these candles missing for good{also}",
+            status="error",
+            final=True,
+            exit_code=HOLES_EXIT,
+        )
+        return
     if short:
         names = ", ".join(f"{s} {i}" for s, i in short[:5])
         worker.stop(

@@ -54,7 +54,7 @@ GRACE = 15.0
 def test_the_table_covers_every_terminal_status() -> None:
     rows = contract()
     assert {status for status, _, _ in rows.values()} == {"interrupted", "finished", "error"}
-    assert {code for _, _, code in rows.values()} == {0, 1, 2, 130, 143}
+    assert {code for _, _, code in rows.values()} == {0, 1, 2, 3, 130, 143}
 
 
 async def test_stop_before_ready_says_started_then_interrupted(kafka: KafkaBroker) -> None:
@@ -79,6 +79,40 @@ async def test_stop_at_is_final(kafka: KafkaBroker) -> None:
             outcome = await worker.finished()
     events = telemetry(await read_topic(kafka, settings.queue_events_topic))
     assert terminal(events, outcome.exit_code) == row("`STOP_AT` reached")
+
+
+async def test_stop_at_over_a_hole_is_a_final_error_naming_it(kafka: KafkaBroker) -> None:
+    """Ten 1m candles missed with a five-minute BACKFILL_WINDOW, then STOP_AT: the stream is
+    past STOP_AT, but five of its candles are a hole. Not `finished`: a final `error` (a
+    retry would resume after the hole) that names the missing candles."""
+    topic = await trio.to_thread.run_sync(kafka.new_topic, "contract-stop-at-holes")
+    clock = EmulatorConfig(speed=1e-6, seed=3, ping_interval=0.5, pong_timeout=2.0)
+    config = clock.replace(start_ms=candle_open("1m", int(time.time() * 1000)))
+    async with open_emulator(config) as emulator:
+        opens = [emulator.market.open_time("1m", i) for i in range(14)]
+        settings = worker_settings(kafka, emulator, topic, BACKFILL_WINDOW="300",
+                                   STOP_AT=str(opens[13] - 1))  # fmt: skip
+        async with running_worker(settings) as worker:
+            await emulator.wait_connections(1)
+            emulator.advance_to(opens[2] + 3_000)
+            await worker.wait_written(2)
+            emulator.stall()
+            emulator.advance_to(opens[12] + 3_000)  # candles 2..11 closed meanwhile
+            emulator.drop()
+            await emulator.wait_for(lambda e: e.stream_handshakes >= 2)
+            # 2..6 closed more than five minutes before the update that shows the gap.
+            emulator.advance(2_000)
+            await worker.wait_written(7)
+            emulator.advance_to(opens[13] + 3_000)  # candle 12 closes: STOP_AT is passed
+            with trio.fail_after(scaled(30)):
+                outcome = await worker.finished()
+        published = [c["open_time"] for c in candles(await read_topic(kafka, topic))]
+    assert published == [opens[i] for i in (0, 1, 7, 8, 9, 10, 11, 12)]
+    events = telemetry(await read_topic(kafka, settings.queue_events_topic))
+    assert terminal(events, outcome.exit_code) == row("`STOP_AT` passed over holes")
+    message = str(events[-1]["message"])
+    assert message.startswith(f"holes: BTCUSDT-1m {opens[2]}..{opens[7] - 1} (5 candles)"), message
+    assert "retrying cannot help" in message
 
 
 async def test_a_record_kafka_refuses_is_a_retried_failure(kafka: KafkaBroker) -> None:

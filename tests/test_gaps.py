@@ -279,6 +279,32 @@ async def test_an_outage_longer_than_the_window_is_a_reported_hole(kafka: KafkaB
     assert "beyond BACKFILL_WINDOW" in holes[0]
 
 
+async def test_a_weekly_candle_missed_from_sunday_to_tuesday_is_filled(kafka: KafkaBroker) -> None:
+    """The default one-day window, an outage from before a weekly close (Sunday night) to the
+    Tuesday after: the week closed more than a day before the frame that reveals it, and is
+    filled all the same, not lost."""
+    topic = await _new_topic(kafka, "gap-week-window")
+    async with open_emulator(_config("1w")) as emulator:
+        settings = worker_settings(kafka, emulator, topic, SYMBOL=SYMBOL, INTERVAL="1w")
+        assert settings.backfill_window == 86_400
+        async with running_worker(settings) as worker:
+            await emulator.wait_connections(1)
+            _past_close(emulator, "1w", 2)
+            await _written(worker, 2)
+            emulator.stall()
+            # Week 2 closes on Sunday night; the feed is back on Tuesday at noon.
+            emulator.advance_to(_open(emulator, "1w", 3) + 36 * 3_600_000)
+            emulator.drop()
+            await emulator.wait_for(lambda e: e.stream_handshakes >= 2)
+            _nudge(emulator, "1w", 3)
+            await _written(worker, 3)
+            worker.stop()
+            await worker.finished()
+        await _check(kafka, emulator, topic, "1w", 0, 2)
+    assert worker.stats.candles_backfilled == 1
+    assert worker.stats.candles_lost == 0
+
+
 async def test_a_stop_waits_for_the_fill_in_progress(kafka: KafkaBroker) -> None:
     """Stopped as soon as a two-hour gap of a 1s stream is known: the 7,200 candles of the
     fill (eight pages) are in Kafka all the same, in order, before the run ends."""

@@ -37,7 +37,8 @@ K8S_VERSIONS = ("1.31", "1.33", kubernetes_validate.latest_version())
 
 CONTAINER = "loader"
 RUN_AS = 10001
-CONFIG_ERROR_EXIT = 2
+# Exit codes never retried: a configuration error, and STOP_AT reached over holes.
+FINAL_EXITS = [2, 3]
 # The worker's environment, as the service's spec lists it; KAFKA_PASSWORD_PRODUCER is the one
 # that must never be in a ConfigMap.
 SPEC_ENV = frozenset(
@@ -164,15 +165,15 @@ def check_restart_and_failure_policy(job: Obj) -> None:
         if r["action"] == "FailJob"
         and "onExitCodes" in r
         and r["onExitCodes"]["operator"] == "In"
-        and CONFIG_ERROR_EXIT in r["onExitCodes"]["values"]
+        and r["onExitCodes"]["values"] == FINAL_EXITS
         and r["onExitCodes"].get("containerName", CONTAINER) == CONTAINER
     ]
-    assert fail_job, "exit code 2 (config error) must fail the Job at once"
+    assert fail_job, "exits 2 (config error) and 3 (holes) must fail the Job at once"
     for rule in rules:
         if rule["action"] == "FailJob" and "onExitCodes" in rule:
             codes = rule["onExitCodes"]
             assert codes["operator"] == "In", "a NotIn FailJob rule would catch retryable codes"
-            assert set(codes["values"]) == {CONFIG_ERROR_EXIT}, "only exit 2 is never retried"
+            assert codes["values"] == FINAL_EXITS, "only exits 2 and 3 are never retried"
     ignore = [
         r
         for r in rules

@@ -12,8 +12,8 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 from test_manifests import (
-    CONFIG_ERROR_EXIT,
     CONTAINER,
+    FINAL_EXITS,
     K8S_VERSIONS,
     MANIFESTS,
     PASSWORD_ENV,
@@ -59,10 +59,10 @@ def check_indexed(job: Obj, configmap: Obj) -> None:
         for r in rules
         if r["action"] == "FailIndex"
         and r["onExitCodes"]["operator"] == "In"
-        and r["onExitCodes"]["values"] == [CONFIG_ERROR_EXIT]
+        and r["onExitCodes"]["values"] == FINAL_EXITS
         and r["onExitCodes"].get("containerName", CONTAINER) == CONTAINER
     ]
-    assert fail_index, "exit 2 must fail its index at once, not spend its retries"
+    assert fail_index, "exits 2 and 3 must fail their index at once, not spend its retries"
     assert not [r for r in rules if r["action"] == "FailJob"], "one shard must not end all"
     ignore = [
         r

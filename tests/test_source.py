@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import msgspec
 import pytest
 import trio
@@ -33,14 +35,15 @@ def event(open_time: int, *, closed: bool = True, symbol: str = "BTCUSDT", price
     return KlineEvent(event_time=event_time or open_time + 1, symbol=symbol, kline=k)
 
 
-def epoch_settings(**env: str) -> Settings:
+def epoch_settings(env: Mapping[str, str] | None = None, *, now: float = 200.0) -> Settings:
     """Settings whose door holds frames against a clock of these candles' time: the epoch's
-    first minutes."""
-    return msgspec.structs.replace(load_settings({**SETTINGS_ENV, **env}), clock=lambda: 200.0)
+    first minutes (`now`, in seconds)."""
+    settings = load_settings({**SETTINGS_ENV, **(env or {})})
+    return msgspec.structs.replace(settings, clock=lambda: now)
 
 
 async def published(events: list[KlineEvent], **env: str) -> tuple[list[Candle], Stats]:
-    settings = epoch_settings(**env)
+    settings = epoch_settings(env)
     send, receive = trio.open_memory_channel[Record](100)
     stats = Stats()
     source = Source(settings, send, stats, resume={("BTCUSDT", "1m"): 0})
@@ -193,3 +196,24 @@ async def test_a_frame_of_the_next_candle_does_not_fill_the_candle_in_flight() -
         await trio.testing.wait_all_tasks_blocked()
     assert fills == []
     assert router.guards[("BTCUSDT", "1m")].next_open == 120_000
+
+
+@pytest.mark.anyio
+async def test_a_lost_resume_point_is_reported_and_kept_as_a_hole_until_stop_at() -> None:
+    """A stream whose resume point the scan could not find: reported at once as a hole of
+    unknown size, and still a hole when STOP_AT comes, though it publishes from its first
+    candle on."""
+    settings = epoch_settings(now=661.0)
+    send, _receive = trio.open_memory_channel[Record](100)
+    stats = Stats()
+    told: list[str] = []
+    source = Source(settings, send, stats, resume_unknown=[("BTCUSDT", "1m")], on_hole=told.append)
+    assert len(told) == 1
+    assert "btcusdt@kline_1m" in told[0]
+    assert "resume points were not found" in told[0]
+    assert (stats.holes, stats.candles_lost) == (1, 0)
+    await source.router.kline(event(600_000))
+    assert source.lagging(659_999) == []
+    ((stream, (holes, more)),) = source.holes(659_999).items()
+    assert stream == ("BTCUSDT", "1m")
+    assert [(h.first, h.end, h.count, more) for h in holes] == [(-1, 600_000, -1, 0)]
