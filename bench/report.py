@@ -75,7 +75,8 @@ def _starts(run: Run) -> list[float]:
 
 
 def _stops(run: Run, *, under_max_load: bool) -> list[float]:
-    return [life.stop for life in run.lifecycles if (life.label == "max-load") == under_max_load]
+    return [life.stop for life in run.lifecycles
+            if life.label.startswith("max-load") == under_max_load]  # fmt: skip
 
 
 def rows(run: Run) -> list[Row]:
