@@ -102,7 +102,7 @@ class Worker:
         self.topics = topics
         emulator_url = emulator.url
         # Its own counters and per-thread CPU, read over /metrics (a free port picked here).
-        self.metrics_port = _free_port() if metrics else None
+        self.metrics_port = free_port() if metrics else None
         env = {
             **emulator.env,
             "QUEUE_ID": topics.queue_id,
@@ -211,7 +211,7 @@ def scrape(port: int) -> Scrape:
     return found
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
