@@ -81,9 +81,17 @@ def _stops(run: Run, *, under_max_load: bool) -> list[float]:
             if life.label.startswith("max-load") == under_max_load]  # fmt: skip
 
 
-def _cpu_floor(run: Run) -> str:
-    """CPU per candle the bare pieces need at full speed: a wss read plus a produce."""
-    if run.ws is None or run.kafka is None:
+def _cpu_floor(run: Run, rate: float) -> str:
+    """CPU per candle the bare pieces need: a wss read at this rate (the bare reader on the
+    paced firehose, when measured) plus a produce (the bare producer at full speed)."""
+    if run.kafka is None:
+        return ""
+    paced = run.ws_paced.get(rate)
+    if paced is not None:
+        return (f"{paced.cpu_us + run.kafka.cpu_us:.0f} µs (bare wss reader at this rate "
+                f"{paced.cpu_us:.0f} + bare producer at full speed "
+                f"{run.kafka.cpu_us:.0f})")  # fmt: skip
+    if run.ws is None:
         return ""
     return (f"{run.ws.cpu_us + run.kafka.cpu_us:.0f} µs at full speed (bare wss reader "
             f"{run.ws.cpu_us:.0f} + bare producer {run.kafka.cpu_us:.0f})")  # fmt: skip
@@ -106,7 +114,7 @@ def rows(run: Run) -> list[Row]:
             out.append(Row(f"CPU per candle, {rate:,.0f} frames/s spread evenly",
                            f"{phase.cpu_us_per_candle:.0f} µs", f"<= {target:,.0f} µs",
                            _at_most(phase.cpu_us_per_candle, target),
-                           _cpu_floor(run)))  # fmt: skip
+                           _cpu_floor(run, rate)))  # fmt: skip
     for phase in run.phases:
         if phase.rate not in CPU_TARGETS:
             out.append(
@@ -232,6 +240,9 @@ def rows(run: Run) -> list[Row]:
                 f"{run.kafka.rate:,.0f} records/s, {run.kafka.cpu_us:.0f} µs CPU/record",
             ),
         ]
+    for rate, paced in sorted(run.ws_paced.items()):
+        out.append(Row(f"... the bare wss reader at {rate:,.0f} frames/s spread evenly",
+                       f"{paced.rate:,.0f} frames/s, {paced.cpu_us:.0f} µs CPU/frame"))  # fmt: skip
     if run.ws_plain is not None:
         out.append(Row("... the bare reader over plain ws (comparison)",
                        f"{run.ws_plain.rate:,.0f} frames/s, {run.ws_plain.cpu_us:.0f} µs "

@@ -254,6 +254,8 @@ class Run(msgspec.Struct, kw_only=True):
     # The comparison row: the bare reader and the worker at full speed over plain ws://.
     ws_plain: Baseline | None = None
     throughput_plain: Throughput | None = None
+    # The bare wss reader on the paced firehose, by frames/s: the floor of a read at that rate.
+    ws_paced: dict[float, Baseline] = msgspec.field(default_factory=dict)
     phases: list[Phase] = msgspec.field(default_factory=list)
     idle: Idle | None = None
     lifecycles: list[Lifecycle] = msgspec.field(default_factory=list)

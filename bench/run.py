@@ -6,6 +6,7 @@ its own (emulator, worker, an independent consumer, the baselines):
 1. idle: one stream at Binance's pace — resident memory and CPU at rest, then a stop;
 2. freshness: one worker on ``--streams`` streams while the firehose steps through
    ``--rates`` (all closing frames): emulator send -> consumer read, per candle;
+   then the bare trio-websocket reader alone at those of them with a CPU target (its floor);
 3. start/stop: ``--lifecycle-runs`` workers, spawn -> first candle in Kafka, stop command ->
    exit, delivered count checked against the `interrupted` telemetry;
 4. the two baselines (bare trio-websocket reader, bare kafka-python producer), then the worker
@@ -157,13 +158,17 @@ def _parts(bench: Bench, run: Run, only: set[str], args: argparse.Namespace,
     if "idle" in only:
         run.idle, idle_life = idle(bench)
         run.lifecycles.append(idle_life)
-    if only & {"freshness", "lifecycle"}:
+    if only & {"freshness", "lifecycle", "baselines"}:
         emulator = Emulator(bench.procs, "emulator-paced", "--synthetic", str(bench.streams),
                             "--rate", str(rates[0]), "--record-send-times")  # fmt: skip
         if "freshness" in only:
             run.phases, fresh_life = freshness(bench, emulator, rates,
                                                profile_seconds=args.profile)  # fmt: skip
             run.lifecycles.append(fresh_life)
+        if "baselines" in only:
+            # The floor of a read at the rates with a CPU target: the bare reader, paced.
+            for rate in sorted(set(rates) & set(report.CPU_TARGETS)):
+                run.ws_paced[rate] = reader_baseline(bench, emulator, rate)
         if "lifecycle" in only:
             run.lifecycles += lifecycles(bench, emulator, args.lifecycle_runs,
                                          args.lifecycle_rate)  # fmt: skip

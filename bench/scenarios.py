@@ -74,14 +74,18 @@ def baselines(bench: Bench, emulator: Emulator) -> tuple[Baseline, Baseline]:
     return ws, kafka
 
 
-def reader_baseline(bench: Bench, emulator: Emulator) -> Baseline:
-    """A bare trio-websocket reader on the firehose, over the emulator's scheme and trust."""
+def reader_baseline(bench: Bench, emulator: Emulator, rate: float | None = None) -> Baseline:
+    """A bare trio-websocket reader on the firehose, over the emulator's scheme and trust;
+    at ``rate`` frames/s (spread evenly) when given, else as fast as it reads."""
     timing = ["--warmup", str(bench.warmup), "--seconds", str(bench.window)]
     url = combined_url(emulator.url, bench.streams)
     scheme = "wss" if emulator.tls else "plain ws"
+    pace = "firehose max" if rate is None else f"{rate:,.0f} frames/s"
     bench.log(f"baseline: bare trio-websocket reader over {scheme}, {bench.streams} streams, "
-              "firehose max")  # fmt: skip
-    name = "baseline-ws" if emulator.tls else "baseline-ws-plain"
+              f"{pace}")  # fmt: skip
+    name = "baseline-ws" + ("" if emulator.tls else "-plain") + (f"-{rate:.0f}" if rate else "")
+    if rate is not None:
+        emulator.rate(rate)
     return _baseline(bench, name, "ws", "--url", url, *timing, env=emulator.env)
 
 
