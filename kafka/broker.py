@@ -33,6 +33,9 @@ Listeners, all on 127.0.0.1 (ports from the environment, defaults shown):
     SASL_SSL    LOADER_KAFKA_SASL_SSL_PORT=19093    SCRAM-SHA-512 over TLS
     CONTROLLER  LOADER_KAFKA_CONTROLLER_PORT=19094  KRaft controller, PLAINTEXT
 
+Topics are created on first use unless ``LOADER_KAFKA_AUTO_CREATE_TOPICS=false`` (as a
+cluster managed by an operator often has it), written into server.properties on `up`.
+
 `wipe` keeps the jars, the certificates and the password; delete the whole
 cache folder (after `down`) to start from nothing.
 """
@@ -118,6 +121,10 @@ class Layout:
         self.controller_port = _port("LOADER_KAFKA_CONTROLLER_PORT", 19094)
         self.heap_opts = os.environ.get("LOADER_KAFKA_HEAP_OPTS", DEFAULT_HEAP)
         self.jvm_opts = os.environ.get("LOADER_KAFKA_JVM_OPTS", DEFAULT_JVM_OPTS)
+        auto_create = os.environ.get("LOADER_KAFKA_AUTO_CREATE_TOPICS", "true").strip().lower()
+        if auto_create not in ("true", "false"):
+            raise BrokerError(f"LOADER_KAFKA_AUTO_CREATE_TOPICS={auto_create!r}: true or false")
+        self.auto_create_topics = auto_create
         self.maven = os.environ.get("LOADER_MAVEN_REPOSITORY", MAVEN_CENTRAL).rstrip("/")
         self.start_timeout = float(
             os.environ.get("LOADER_KAFKA_START_TIMEOUT", DEFAULT_START_TIMEOUT)
@@ -476,7 +483,7 @@ def server_properties(layout: Layout) -> str:
         "num.partitions": 1,
         "default.replication.factor": 1,
         "min.insync.replicas": 1,
-        "auto.create.topics.enable": "true",
+        "auto.create.topics.enable": layout.auto_create_topics,
         "offsets.topic.replication.factor": 1,
         "offsets.topic.num.partitions": 1,
         "transaction.state.log.replication.factor": 1,

@@ -9,6 +9,7 @@ the one history connection; each page has its own timeout and its own retries.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Final
 
 import trio
@@ -33,10 +34,19 @@ PAGE_ATTEMPTS: Final = 12
 
 
 class Backfiller:
-    def __init__(self, router: Router, history: HistoryClient, stats: Stats) -> None:
+    def __init__(
+        self,
+        router: Router,
+        history: HistoryClient,
+        stats: Stats,
+        invalid_symbol: Callable[[str, HistoryError], None],
+    ) -> None:
         self.router = router
         self.history = history
         self.stats = stats
+        # Called when history says Binance does not know a stream's symbol (-1121): that is
+        # the symbol's end, not the run's (`loader/symbols.py`), and the fill ends with it.
+        self.invalid_symbol = invalid_symbol
         self.active = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -71,6 +81,9 @@ class Backfiller:
                 if lacking:
                     self.router.hole(stream, gap.end, gap.end, lacking, "history lacks")
                 gap = await self._release(stream, guard)
+        except HistoryError as exc:
+            # Only an unknown symbol gets here (`_page`); its streams are dropped with it.
+            self.invalid_symbol(stream[0], exc)
         finally:
             self.active -= 1
             if self.active == 0:
@@ -97,6 +110,8 @@ class Backfiller:
             try:
                 return await self.history.klines(symbol, interval, start, end, PAGE)
             except HistoryError as exc:
+                if exc.invalid_symbol:
+                    raise
                 raise FatalError(f"cannot backfill {symbol} {interval}: {exc}") from exc
             except HistoryUnavailable as exc:
                 if attempt == PAGE_ATTEMPTS:

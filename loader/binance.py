@@ -12,7 +12,6 @@ from typing import Final, Literal, cast
 
 import msgspec
 
-from loader.intervals import next_open
 from loader.schema import Candle, Record
 
 # JSON's own number grammar: what Binance sends as a decimal string must be emittable verbatim.
@@ -31,11 +30,6 @@ def stream_path(names: tuple[str, ...] | list[str]) -> str:
     if len(names) == 1:
         return f"/ws/{names[0]}"
     return "/stream?streams=" + "/".join(names)
-
-
-def next_open_time(open_time: int, interval: str) -> int:
-    """Open time of the candle after the one opening at `open_time` (months are calendar months)."""
-    return next_open(interval, open_time)
 
 
 class Kline(msgspec.Struct, frozen=True):

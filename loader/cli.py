@@ -1,5 +1,8 @@
 """The process entry point: settings from the environment, signals, exit codes.
 
+`loader-ws-candles schema ...` (`python -m loader schema ...`) prints the topics' contract
+instead (`loader/contracts`).
+
 Exit codes: 0 finished or stopped by command, 1 runtime failure (retryable), 2 bad
 configuration (retrying cannot help), 128+signal when stopped by SIGTERM (143) or SIGINT (130).
 """
@@ -12,7 +15,7 @@ import sys
 
 import trio
 
-from loader import logs
+from loader import contracts, logs
 from loader.errors import FatalError
 from loader.malloc import limit_arenas
 from loader.settings import ConfigError, Settings, load_settings
@@ -56,6 +59,8 @@ async def serve(settings: Settings) -> int:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["schema"]:
+        sys.exit(contracts.main(sys.argv[2:]))
     limit_arenas()  # before any thread starts: the arenas are per thread
     try:
         settings = load_settings()

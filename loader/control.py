@@ -69,10 +69,13 @@ async def watch_control(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Report ready once positioned; call `stop` on the first stop command for our queue."""
+    # Abandoned on cancellation: a stop must not wait out the bootstrap's 30 s (what it
+    # leaves behind is closed with the process).
     consumer = await trio.to_thread.run_sync(
         lambda: open_consumer(
             settings.kafka, timeout=30.0, request_timeout=REQUEST_TIMEOUT, fetch_max_wait_ms=POLL_MS
-        )
+        ),
+        abandon_on_cancel=True,
     )
     decode = msgspec.json.Decoder(ControlCommand).decode
     bad = ThrottledLog(log)

@@ -52,6 +52,7 @@ class StreamGuard(Generic[T]):
         "ahead_at",
         "evicted",
         "filling",
+        "heard",
         "held",
         "held_limit",
         "interval",
@@ -70,6 +71,9 @@ class StreamGuard(Generic[T]):
         self.last_closed = -1  # open time of the last closed candle published (or in Kafka)
         # The open time of the next candle to publish; -1 until the stream is first seen.
         self.next_open = -1
+        # Whether Binance sent a frame of the stream: a resume point alone does not prove
+        # that Binance still knows the symbol (`loader/symbols.py`).
+        self.heard = False
         self.last_update = -1  # event time of the last in-progress update published
         self.filling = False
         self.held: collections.deque[tuple[int, int, T]] = collections.deque()
@@ -82,6 +86,7 @@ class StreamGuard(Generic[T]):
 
     def observe(self, open_time: int, event_time: int) -> Gap | None:
         """Any frame of the stream; a later candle than expected opens a gap."""
+        self.heard = True
         if self.next_open < 0:
             # A fresh stream starts at the first candle it sees, closed or not.
             self.next_open = open_time

@@ -6,13 +6,14 @@ import collections
 import contextlib
 import logging
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import trio
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import (
     KafkaConnectionError,
+    KafkaError,
     KafkaTimeoutError,
     SaslAuthenticationFailedError,
 )
@@ -23,6 +24,11 @@ log = logging.getLogger(__name__)
 
 # kafka-python's close()/flush() wait forever without one; Job termination must not.
 CLOSE_TIMEOUT = 5.0
+# The longest a send waits for its topic's metadata (kafka-python's `max_block_ms`), and the
+# start's check that every topic exists. Asking for a missing topic lets a broker that creates
+# topics on first use create it, which takes well under this; past it, the topic is missing.
+# The topics' metadata is held from the start on, so later sends do not wait for it.
+METADATA_TIMEOUT = 10.0
 # Bootstrap attempts cut during the SASL login, in a row, taken for a refused password: one
 # could be a broker restarting; three in a second are not.
 CUT_LOGINS = 3
@@ -30,6 +36,30 @@ CUT_LOGINS = 3
 
 class KafkaFailure(Exception):
     """Kafka refused or could not be reached: the run ends with `error` and exit code 1."""
+
+
+class NotSent(KafkaFailure):
+    """kafka-python did not take the record (`send` raised): it was certainly not written."""
+
+
+class MissingTopics(KafkaFailure):
+    """Topics Kafka neither has nor creates: the run cannot start (a configuration error)."""
+
+
+def surely_not_written(exc: BaseException) -> bool:
+    """Whether a failed send proves its record was not written: kafka-python never took it,
+    or Kafka refused it (a non-retriable error). A timeout or a lost connection proves
+    nothing: the record may be in the topic with its acknowledgement lost."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, NotSent):
+            return True
+        if isinstance(cause, KafkaError):
+            return not cause.retriable
+        cause = cause.__cause__
+    return False
 
 
 def client_config(
@@ -192,7 +222,7 @@ def open_producer(kafka: KafkaSettings, *, delivery_timeout: float) -> KafkaProd
             # Ordered per partition under retries, as the idempotent producer allows.
             max_in_flight_requests_per_connection=5,
             delivery_timeout_ms=int(delivery_timeout * 1000),
-            max_block_ms=int(min(delivery_timeout, 60.0) * 1000),
+            max_block_ms=int(min(delivery_timeout, METADATA_TIMEOUT) * 1000),
             # The sink gathers records on the Trio side (sink.LINGER) and hands them over in
             # one go, so each hand-off already makes one produce request: a linger here would
             # only add a timer wake-up of kafka-python's thread per batch.
@@ -205,6 +235,55 @@ def open_producer(kafka: KafkaSettings, *, delivery_timeout: float) -> KafkaProd
             metrics_sample_window_ms=5000,
             metrics_num_samples=2,
         )
+
+
+class _Unknown(logging.Handler):
+    """The topics Kafka answered a metadata request about with "no such topic":
+    kafka-python logs that answer but raises only a timeout, the same as for no answer."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.topics: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == "Topic %s not found in cluster metadata" and isinstance(
+            record.args, tuple
+        ):
+            self.topics.add(str(record.args[0]))
+
+
+async def check_topics(producer: KafkaProducer, topics: Iterable[str]) -> None:
+    """Each topic's metadata, all asked at once, each within `max_block_ms`. Raise
+    `MissingTopics` naming those Kafka said it has not got (nor created on being asked),
+    `KafkaFailure` when it did not answer in time (that may pass: a retry may do)."""
+    failed: dict[str, str] = {}
+    unknown = _Unknown()
+    logger = logging.getLogger("kafka.cluster")
+
+    async def check(topic: str) -> None:
+        try:
+            # Abandoned on cancellation: the wait is kafka-python's, bounded by max_block_ms.
+            await trio.to_thread.run_sync(producer.partitions_for, topic, abandon_on_cancel=True)
+        except KafkaError as exc:
+            failed[topic] = describe(exc)
+
+    logger.addHandler(unknown)
+    try:
+        async with trio.open_nursery() as nursery:
+            for topic in dict.fromkeys(topics):
+                nursery.start_soon(check, topic)
+    finally:
+        logger.removeHandler(unknown)
+    if missing := [topic for topic in failed if topic in unknown.topics]:
+        seconds = producer.config["max_block_ms"] / 1000
+        raise MissingTopics(
+            f"Kafka has no topic {', '.join(map(repr, missing))} and did not create it within "
+            f"{seconds:.0f} s (it does not create topics on first use): create it, or correct "
+            "KAFKA_TOPIC, QUEUE_EVENTS_TOPIC or QUEUE_CONTROL_TOPIC"
+        )
+    if failed:
+        named = "; ".join(f"{topic!r}: {why}" for topic, why in failed.items())
+        raise KafkaFailure(f"cannot read the metadata of Kafka topic(s) {named}")
 
 
 def publish_once(

@@ -10,9 +10,9 @@ streams ended, with a log line and a telemetry message. The choice of streams is
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
@@ -24,14 +24,26 @@ from loader.settings import Settings
 from loader.shards import TRADING, SymbolInfo, shard_of
 from loader.stats import Stats
 
-if TYPE_CHECKING:
-    from loader.source import Source
-
 log = logging.getLogger(__name__)
 
 Stream = tuple[str, str]
 # Between failed exchangeInfo requests at start (the history client backs off per connection).
 RETRY_DELAY = 2.0
+
+
+class Carrier(Protocol):
+    """What following the listings needs of the source (`loader.source.Source`): the streams
+    it carries, a way to add and end some, the history client, and where notices go. A
+    protocol, so this module does not depend on the source that depends on it."""
+
+    settings: Settings
+    history: HistoryClient
+    streams: list[Stream]
+    on_notice: Callable[[str], object]
+
+    async def add_streams(self, starts: dict[Stream, int]) -> None: ...
+
+    def remove_streams(self, streams: Sequence[Stream]) -> None: ...
 
 
 @dataclass
@@ -98,7 +110,7 @@ async def initial_streams(settings: Settings, stats: Stats) -> tuple[list[Stream
 
 
 async def follow_listings(
-    source: Source,
+    source: Carrier,
     listing: Listing,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -125,7 +137,7 @@ async def follow_listings(
         listing.server_time, listing.statuses = now.server_time, now.statuses
 
 
-def _delisted(source: Source, streams: list[Stream]) -> None:
+def _delisted(source: Carrier, streams: list[Stream]) -> None:
     source.remove_streams(streams)
     by_symbol: dict[str, list[str]] = {}
     for symbol, interval in streams:
@@ -139,7 +151,7 @@ def _delisted(source: Source, streams: list[Stream]) -> None:
         source.on_notice(message)
 
 
-async def _listed(source: Source, streams: list[Stream], before: Listing) -> None:
+async def _listed(source: Carrier, streams: list[Stream], before: Listing) -> None:
     """New streams start at their first candle when the symbol is new since the last read
     (history brings what opened before now), else at the first candle seen."""
     starts: dict[Stream, int] = {}

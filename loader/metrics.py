@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -24,7 +23,7 @@ from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from loader.binance import next_open_time
+from loader.intervals import next_open
 from loader.stats import Stats, StatsSnapshot
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -48,7 +47,7 @@ class Metrics:
         self.stats = stats
         self.channel_depth = channel_depth
         # The shortest candle period: how often a closed candle is due, for freshness alerts.
-        periods = [next_open_time(0, i) / 1000 for i in intervals]
+        periods = [next_open(i, 0) / 1000 for i in intervals]
         self.shortest_interval = min(periods, default=0.0)
         try:
             self._owner: tuple[trio.lowlevel.TrioToken, int] | None = (
@@ -251,7 +250,7 @@ def healthy(stats: Stats, timeout: float) -> tuple[bool, str]:
     age = stats.alive_age()
     if age > timeout:
         return False, f"no frame from Binance and no answered ping for {age:.0f} s"
-    stuck = time.monotonic() - stats.last_ack_at
+    stuck = stats.stuck_age()
     if stats.unacknowledged and stuck > timeout:
         return False, f"{stats.unacknowledged} candles unacknowledged for {stuck:.0f} s"
     return True, "ok"

@@ -60,8 +60,9 @@ class Router:
         self._watch_ms = NEVER
         self._watch = trio.Event()
         self.bad = ThrottledLog(log)
-        # Guards whose next candle is being sent, under backpressure, right now.
-        self.sending: set[Guard] = set()
+        # Guards whose next candle is being sent, under backpressure, right now, each with
+        # the event set once that send has ended (the candle in the channel, or cancelled).
+        self.sending: dict[Guard, trio.Event] = {}
         # Set by the backfiller when it runs: starts the fill of one gap.
         self.fill: Callable[[Stream, Guard, Gap], None] | None = None
 
@@ -92,6 +93,8 @@ class Router:
         k = event.kline
         stream = (k.symbol, k.interval)
         guard = self.guards.get(stream)
+        if guard is not None and self.sending:
+            guard = await self._after_send(stream, guard)
         if guard is None:
             self.skip("unexpected_stream", f"{k.symbol} {k.interval} was not asked for")
             return
@@ -118,6 +121,17 @@ class Router:
         elif self.all_candles:
             assert isinstance(event, KlineEvent)  # decoded in full with CANDLES=all
             self._update(guard, event.kline, event_time)
+
+    async def _after_send(self, stream: Stream, guard: Guard) -> Guard | None:
+        """Wait while another task hands this stream's candle to the channel: a connection
+        replaced meanwhile, its reader woken but not yet run. Until that send has ended, the
+        guard does not know whether the candle went in, and a frame of the new connection
+        read now would publish (or fill) it again. The stream may be gone after the wait."""
+        current: Guard | None = guard
+        while current is not None and (sent := self.sending.get(current)) is not None:
+            await sent.wait()
+            current = self.guards.get(stream)
+        return current
 
     def _update(self, guard: Guard, k: Kline, event_time: int) -> None:
         if not guard.update(k.open_time, event_time):
@@ -157,12 +171,14 @@ class Router:
         try:
             self.candles.send_nowait(candle)  # the usual case: no trip through the scheduler
         except trio.WouldBlock:
-            # While this waits, nothing else may fill from this candle on (see `sending`).
-            self.sending.add(guard)
+            # While this waits, nothing else may fill or publish from this candle on (see
+            # `sending`, and `kline`).
+            sent = self.sending[guard] = trio.Event()
             try:
                 await self.candles.send(candle)
             finally:
-                self.sending.discard(guard)
+                del self.sending[guard]
+                sent.set()
         guard.published(k.open_time)
         self.stats.candles_published += 1
         return True

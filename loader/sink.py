@@ -33,7 +33,7 @@ import trio
 from kafka import KafkaProducer
 from kafka.partitioner.default import murmur2
 
-from loader.kafka import KafkaFailure, describe
+from loader.kafka import KafkaFailure, NotSent, describe
 from loader.schema import Record
 from loader.stats import Stats
 
@@ -255,7 +255,8 @@ class KafkaSink:
             while batch := _drain(records, MAX_BATCH):
                 pending = Pending(len(batch), self._on_settled)
                 self._unacked.append(pending)
-                await trio.to_thread.run_sync(self._hand, batch, pending)
+                # Abandoned at the deadline: a send may wait for metadata (max_block_ms).
+                await trio.to_thread.run_sync(self._hand, batch, pending, abandon_on_cancel=True)
             while self._unacked:
                 await self._wait_ack()
         if scope.cancelled_caught:
@@ -268,12 +269,22 @@ class KafkaSink:
         pending = Pending(1, lambda _: token.run_sync_soon(done.set))
 
         def send() -> None:
-            pending.watch([self.producer.send(topic, value=value, key=key)])
+            try:
+                future = self.producer.send(topic, value=value, key=key)
+            except Exception as exc:
+                raise NotSent(
+                    f"cannot hand a record for {topic} to Kafka: {describe(exc)}"
+                ) from exc
+            pending.watch([future])
 
-        await trio.to_thread.run_sync(send)
+        # Abandoned when the caller's time is up: a send may wait for metadata (max_block_ms).
+        await trio.to_thread.run_sync(send, abandon_on_cancel=True)
         await done.wait()
         if pending.error is not None:
-            raise DeliveryFailed(f"Kafka refused a record for {topic}: {describe(pending.error)}")
+            failure = DeliveryFailed(
+                f"Kafka refused a record for {topic}: {describe(pending.error)}"
+            )
+            raise failure from pending.error
 
     def _sender(self) -> None:
         """The sender thread: hands each queued batch to kafka-python, in queue order."""

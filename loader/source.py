@@ -47,7 +47,7 @@ from loader.schema import Record
 from loader.settings import Settings
 from loader.shards import ConnectionPlan, rotation_offsets, subscribe_schedule
 from loader.stats import Stats
-from loader.symbols import check_symbols
+from loader.symbols import Symbols
 from loader.tls import TlsWatch
 
 __all__ = ["Backoff", "Lane", "Source"]
@@ -406,7 +406,8 @@ class Source:
         budget = ConnectBudget(per_minute)
         self.backoff = Backoff(budget=budget)
         self.history = HistoryClient(settings.binance_api_url, Backoff(budget=budget), stats)
-        self.backfiller = Backfiller(self.router, self.history, stats)
+        self.symbols = Symbols(self.router, stats, on_notice)
+        self.backfiller = Backfiller(self.router, self.history, stats, self.symbols.drop)
         self.base = settings.binance_ws_url.rstrip("/").removesuffix("/ws").removesuffix("/stream")
         self.tls = TlsWatch(self.base)
         self.numbers = itertools.count(1)
@@ -415,12 +416,6 @@ class Source:
         self.on_notice = on_notice
         self._nursery: trio.Nursery | None = None
 
-    @property
-    def current(self) -> Connection | None:
-        """The first lane's current connection (one lane: the connection)."""
-        lane = next(iter(self.lanes.values()), None)
-        return lane.current if lane is not None else None
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open every lane, report ready, and keep them until cancelled."""
         async with self.candles, trio.open_nursery() as nursery:
@@ -428,6 +423,7 @@ class Source:
             await nursery.start(self.history.run)
             await nursery.start(self.backfiller.run)
             offsets = rotation_offsets(len(self.plan.connections), self.settings.rotate_after)
+            self.stats.connecting()  # liveness counts from here (`/healthz`)
             # All at once (within the connection budget): each takes a second or so of
             # SUBSCRIBE messages, and ready means every stream subscribed.
             async with trio.open_nursery() as opening:
@@ -436,10 +432,7 @@ class Source:
                 ):
                     opening.start_soon(self._open_lane, number, names, rotate_after)
             task_status.started()
-            await nursery.start(
-                check_symbols, self.router, self.history, self.settings.stall_timeout,
-                self.stats, self.on_notice,
-            )  # fmt: skip
+            await nursery.start(self.symbols.check, self.history, self.settings.stall_timeout)
             if self.listing is not None:
                 await nursery.start(follow_listings, self, self.listing)
 
@@ -478,11 +471,6 @@ class Source:
             else:
                 del self.lanes[number]
                 lane.close()
-
-    async def kline(self, event: KlineEvent | KlineUpdateEvent) -> None:
-        """Publish one kline event if it moves its stream forward (a gap goes to the
-        backfiller)."""
-        await self.router.kline(event)
 
     def lagging(self, stop_ms: int) -> list[Stream]:
         """Streams not yet published up to every candle closing at or before `stop_ms`

@@ -48,6 +48,15 @@ class Stats:
     # When the Binance connection last answered a ping of ours: life without data, which is
     # all a symbol that does not trade shows.
     last_alive_at: float = dataclasses.field(default_factory=time.monotonic)
+    # When the first connection to Binance was attempted: liveness counts from there, not
+    # from the process's start, so a slow start (Kafka, the resume scan, exchangeInfo
+    # retries) is not taken for a dead connection. None until then.
+    connecting_since: float | None = None
+
+    def connecting(self) -> None:
+        """The first connection attempt is about to be made (later calls change nothing)."""
+        if self.connecting_since is None:
+            self.connecting_since = time.monotonic()
 
     @property
     def unacknowledged(self) -> int:
@@ -57,8 +66,18 @@ class Stats:
         return time.monotonic() - self.last_frame_at
 
     def alive_age(self) -> float:
-        """Seconds since the connection last showed life: a frame or an answered ping."""
-        return time.monotonic() - max(self.last_frame_at, self.last_alive_at)
+        """Seconds since the connection last showed life (a frame or an answered ping), or
+        since the first connection attempt; 0 before it."""
+        if self.connecting_since is None:
+            return 0.0
+        return time.monotonic() - max(self.last_frame_at, self.last_alive_at, self.connecting_since)
+
+    def stuck_age(self) -> float:
+        """Seconds Kafka has acknowledged nothing, counted as `alive_age` is: candles are
+        handed to Kafka only once Binance is connected."""
+        if self.connecting_since is None:
+            return 0.0
+        return time.monotonic() - max(self.last_ack_at, self.connecting_since)
 
     def ack_age(self) -> float:
         """Seconds since Kafka last acknowledged a candle: how stale the topic is."""

@@ -29,7 +29,15 @@ from kafka import KafkaProducer
 from loader.binance import stream_name
 from loader.control import watch_control
 from loader.errors import FatalError
-from loader.kafka import KafkaFailure, aclose, describe, open_producer, publish_once
+from loader.kafka import (
+    KafkaFailure,
+    MissingTopics,
+    aclose,
+    check_topics,
+    describe,
+    open_producer,
+    publish_once,
+)
 from loader.listings import initial_streams
 from loader.metrics import Metrics, serve_metrics
 from loader.resume import resume_points
@@ -39,7 +47,7 @@ from loader.shards import summary
 from loader.sink import KafkaSink
 from loader.source import Source
 from loader.stats import Stats
-from loader.telemetry import Telemetry
+from loader.telemetry import HOLE, Notices, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +218,7 @@ async def _bootstrap(worker: Worker) -> KafkaProducer:
         if worker.stopped is not None:
             scope.deadline = worker.shutdown_deadline() - TELEMETRY_RESERVE * 2
         try:
-            return await trio.to_thread.run_sync(
+            producer = await trio.to_thread.run_sync(
                 lambda: open_producer(settings.kafka, delivery_timeout=settings.delivery_timeout),
                 abandon_on_cancel=True,
             )
@@ -218,6 +226,21 @@ async def _bootstrap(worker: Worker) -> KafkaProducer:
             raise FatalError(str(exc)) from exc
         finally:
             worker._bootstrap = None
+        try:
+            # A misnamed topic is named now, not after a send has waited for it in vain.
+            await check_topics(producer, (settings.kafka_topic, settings.queue_events_topic,
+                                          settings.queue_control_topic))  # fmt: skip
+        except MissingTopics as exc:
+            await aclose(producer, seconds=1.0)
+            # The same settings meet the same topics: a configuration error, not retried.
+            raise FatalError(str(exc), exit_code=2) from exc
+        except KafkaFailure as exc:
+            await aclose(producer, seconds=1.0)
+            raise FatalError(str(exc)) from exc
+        except BaseException:
+            await aclose(producer, seconds=1.0)
+            raise
+        return producer
     raise FatalError("stopped before Kafka could be reached")
 
 
@@ -259,18 +282,18 @@ async def _run(
                     )
                 finally:
                     stop_reading.set()  # a stop during the scan ends the thread's reading too
-                notices_in, notices_out = trio.open_memory_channel[str](64)
+                notices = Notices()
                 source = Source(
                     settings, candles_in, worker.stats, resume=resume, streams=streams,
-                    on_hole=lambda message: _offer(notices_in, f"hole: {message}"),
-                    listing=listing, on_notice=lambda message: _offer(notices_in, message),
+                    on_hole=lambda message: notices.offer(f"{HOLE}{message}"),
+                    listing=listing, on_notice=notices.offer,
                 )  # fmt: skip
                 await nursery.start(source.run)
                 worker.source = source
                 telemetry.describe_symbols = partial(_symbols, settings, source)
                 log.info("streaming %s", _streams(settings, source.streams))
                 nursery.start_soon(telemetry.report_progress, worker.progress)
-                nursery.start_soon(_report, telemetry, notices_out)
+                nursery.start_soon(notices.report, partial(telemetry.send, "loading"))
                 if settings.stop_at is not None:
                     nursery.start_soon(_stop_at, worker, source, settings.stop_at)
                 started()
@@ -350,21 +373,6 @@ def _symbols(settings: Settings, source: Source) -> str:
     """Telemetry's `symbol`: the named symbols, or a summary of a run over many."""
     symbols = len({s for s, _ in source.streams})
     return summary(settings.selection, symbols, settings.intervals, len(source.streams))
-
-
-def _offer(channel: trio.MemorySendChannel[str], message: str) -> None:
-    # What is offered is logged already; telemetry of a flood of it may be shed.
-    try:
-        channel.send_nowait(message)
-    except trio.WouldBlock:
-        log.warning("not reported in telemetry (too many at once): %s", message)
-
-
-async def _report(telemetry: Telemetry, notices: trio.MemoryReceiveChannel[str]) -> None:
-    """Holes, dropped symbols, listings and delistings: each a `loading` event the queue
-    manager sees."""
-    async for message in notices:
-        await telemetry.send("loading", message)
 
 
 async def _stop_at(worker: Worker, source: Source, stop_at: float) -> None:

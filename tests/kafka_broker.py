@@ -261,7 +261,7 @@ def free_ports(count: int) -> list[int]:
         return [sock.getsockname()[1] for sock in socks]
 
 
-def private_home(home: Path) -> dict[str, str]:
+def private_home(home: Path, *, auto_create_topics: bool = True) -> dict[str, str]:
     """The LOADER_KAFKA_* variables for a broker of its own in `home`, on free ports, with the
     shared broker's jars lent to it (when they are fetched) so it costs no download."""
     home.mkdir(parents=True, exist_ok=True)
@@ -273,14 +273,15 @@ def private_home(home: Path) -> dict[str, str]:
         "LOADER_KAFKA_PLAINTEXT_PORT": str(plaintext),
         "LOADER_KAFKA_SASL_SSL_PORT": str(sasl_ssl),
         "LOADER_KAFKA_CONTROLLER_PORT": str(controller),
+        "LOADER_KAFKA_AUTO_CREATE_TOPICS": "true" if auto_create_topics else "false",
     }
 
 
 @contextlib.contextmanager
-def private_broker(home: Path) -> Iterator[KafkaBroker]:
+def private_broker(home: Path, *, auto_create_topics: bool = True) -> Iterator[KafkaBroker]:
     """A broker of the caller's own, in `home` on free ports; stopped (and checked gone)
     afterwards. Reuses the shared broker's jars, so it costs one JVM start."""
-    env = private_home(home)
+    env = private_home(home, auto_create_topics=auto_create_topics)
     broker = start_local_broker(env)
     try:
         yield broker

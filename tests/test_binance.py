@@ -17,11 +17,11 @@ from loader.binance import (
     KlineUpdateEvent,
     RecordEncoder,
     ServerShutdown,
-    next_open_time,
     stream_name,
     stream_path,
     to_candle,
 )
+from loader.intervals import next_open
 from loader.testing import fixtures_dir
 
 FIXTURES = fixtures_dir()
@@ -238,5 +238,5 @@ def test_stream_names_and_paths() -> None:
         (1706745600000, "1M", 1709251200000),  # February of a leap year
     ],
 )
-def test_next_open_time(open_time: int, interval: str, expected: int) -> None:
-    assert next_open_time(open_time, interval) == expected
+def test_next_open(open_time: int, interval: str, expected: int) -> None:
+    assert next_open(interval, open_time) == expected

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
-import msgspec
 import pytest
 import trio
 from kafka import KafkaAdminClient
@@ -32,6 +31,7 @@ from worker_tools import (
     read_topic,
     row,
     running_worker,
+    stop_command,
     telemetry,
     terminal,
     worker_env,
@@ -60,7 +60,7 @@ async def test_stop_before_ready_says_started_then_interrupted(kafka: KafkaBroke
     topic = await trio.to_thread.run_sync(kafka.new_topic, "contract-early-stop")
     async with open_emulator(FAST) as emulator:
         settings = worker_settings(kafka, emulator, topic)
-        stop = msgspec.json.encode({"command": "stop", "queue_id": settings.queue_id})
+        stop = stop_command(settings.queue_id)
         await trio.to_thread.run_sync(produce, kafka, settings.queue_control_topic, [stop])
         async with running_worker(settings) as worker:
             outcome = await worker.finished()

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
-import msgspec
 import pytest
 import trio
 from kafka_broker import KafkaBroker
@@ -17,9 +16,11 @@ from worker_tools import (
     produce,
     read_topic,
     running_worker,
+    stop_command,
     telemetry,
     worker_settings,
 )
+from wss import Wss
 
 from loader import Settings, Worker, run
 from loader.shards import shard_of
@@ -52,7 +53,9 @@ async def _wait_streams(emulator: Emulator, count: int) -> None:
     )
 
 
-async def test_every_symbol_over_several_connections_follows_listings(kafka: KafkaBroker) -> None:
+async def test_every_symbol_over_several_connections_follows_listings(
+    kafka: KafkaBroker, wss: Wss
+) -> None:
     symbols = market_symbols(3000)
     listed_at = START + 3 * MINUTE
     delisted_at = START + 3 * MINUTE
@@ -66,7 +69,7 @@ async def test_every_symbol_over_several_connections_follows_listings(kafka: Kaf
     )
     gone = symbols[7]
     topic = await trio.to_thread.run_sync(kafka.new_topic, "market-all")
-    async with open_emulator(config) as emulator:
+    async with open_emulator(wss.serve(config)) as emulator:
         settings = worker_settings(
             kafka,
             emulator,
@@ -91,7 +94,7 @@ async def test_every_symbol_over_several_connections_follows_listings(kafka: Kaf
             # ... and four of its candles close (candle 3 is its first) and are in Kafka.
             await emulator.wait_closed("NEWUSDT", "1m", 3 + 4)
             await _published_through(worker, ("NEWUSDT", "1m"), listed_at + 3 * MINUTE)
-            stop = msgspec.json.encode({"command": "stop", "queue_id": settings.queue_id})
+            stop = stop_command(settings.queue_id)
             await trio.to_thread.run_sync(produce, kafka, settings.queue_control_topic, [stop])
             outcome = await worker.finished()
     assert (outcome.status, outcome.exit_code) == ("interrupted", 0)
@@ -131,14 +134,14 @@ async def _published_through(worker: Worker, stream: tuple[str, str], open_time:
 
 
 async def test_three_shards_split_the_market_and_one_stop_ends_them_all(
-    kafka: KafkaBroker,
+    kafka: KafkaBroker, wss: Wss
 ) -> None:
     symbols = market_symbols(300)
     config = EmulatorConfig(
         start_ms=START, speed=60, seed=12, symbols=symbols, intermediate_updates=False
     )
     topic = await trio.to_thread.run_sync(kafka.new_topic, "market-shards")
-    async with open_emulator(config) as emulator, trio.open_nursery() as nursery:
+    async with open_emulator(wss.serve(config)) as emulator, trio.open_nursery() as nursery:
         shards: list[Worker] = []
         settings: list[Settings] = []
         for index in range(3):
@@ -152,7 +155,7 @@ async def test_three_shards_split_the_market_and_one_stop_ends_them_all(
         for worker in shards:
             await worker.wait_written(worker.records_written + 200)
         # One command for the one queue id: every shard reads it (no consumer group).
-        stop = msgspec.json.encode({"command": "stop", "queue_id": settings[0].queue_id})
+        stop = stop_command(settings[0].queue_id)
         await trio.to_thread.run_sync(produce, kafka, settings[0].queue_control_topic, [stop])
         with trio.fail_after(scaled(30)):
             outcomes = [await worker.finished() for worker in shards]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import ItemsView, Iterable, Iterator, KeysView
@@ -19,7 +20,7 @@ from prometheus_client.registry import Collector
 from worker_tools import running_worker, worker_settings
 from wss import Wss
 
-from loader.metrics import Metrics, serve_metrics
+from loader.metrics import Metrics, healthy, serve_metrics
 from loader.stats import Stats
 from loader.testing import EmulatorConfig, open_emulator
 
@@ -263,3 +264,33 @@ async def test_a_quiet_stream_keeps_healthz_up_while_pings_are_answered(
     assert final["loader_shortest_interval_seconds"] == 60
     assert statuses, "the probe was never asked"
     assert {status for status, _ in statuses} == {200}, statuses
+
+
+def test_liveness_counts_from_the_first_connection_attempt_not_from_process_start() -> None:
+    """A slow start (Kafka, the resume scan, exchangeInfo retries) longer than HEALTH_TIMEOUT
+    is not a dead connection: the probe passes until Binance has had HEALTH_TIMEOUT since
+    the first connection attempt to show life, and fails after."""
+    timeout = 60.0
+    stats = Stats()
+    # The counters were made when the process started, longer ago than the timeout.
+    started = time.monotonic() - 2 * timeout
+    stats.last_frame_at = stats.last_alive_at = stats.last_ack_at = started
+    stats.candles_handed = 0
+    assert healthy(stats, timeout) == (True, "ok")
+    stats.connecting()
+    assert healthy(stats, timeout) == (True, "ok")
+    # Candles handed at once are not "unacknowledged for" the whole slow start either.
+    stats.candles_handed = 3
+    assert healthy(stats, timeout) == (True, "ok")
+    stats.candles_handed = 0
+    # Connecting for longer than the timeout without a frame: dead.
+    assert stats.connecting_since is not None
+    stats.connecting_since -= timeout + 1
+    ok, reason = healthy(stats, timeout)
+    assert not ok
+    assert "no frame from Binance" in reason
+    stats.last_frame_at = time.monotonic()
+    stats.candles_handed = 3
+    ok, reason = healthy(stats, timeout)
+    assert not ok
+    assert "3 candles unacknowledged" in reason

@@ -7,7 +7,8 @@ import pytest
 import trio
 import trio.testing
 
-from loader.binance import Kline, KlineEvent
+from loader.binance import Kline, KlineEvent, KlineUpdate, KlineUpdateEvent
+from loader.guard import Gap
 from loader.schema import Candle, Record
 from loader.settings import load_settings
 from loader.source import Backoff, Source
@@ -38,7 +39,7 @@ async def published(events: list[KlineEvent], **env: str) -> tuple[list[Candle],
     stats = Stats()
     source = Source(settings, send, stats, resume={("BTCUSDT", "1m"): 0})
     for e in events:
-        await source.kline(e)
+        await source.router.kline(e)
     send.close()
     return [msgspec.json.decode(value, type=Candle) async for _, value in receive], stats
 
@@ -105,3 +106,84 @@ def test_backoff_allows_a_few_attempts_a_minute() -> None:
     times = trio.run(attempts, clock=trio.testing.MockClock(autojump_threshold=0))
     start = times[0]
     assert [round(t - start) for t in times] == [0, 0, 0, 60, 60, 60, 120]
+
+
+async def _handover(*, cancel_old: bool) -> tuple[list[int], Stats]:
+    """A connection replaced while the channel is full, with the real router and a channel of
+    one: the old connection's reader waits to hand candle X to the channel; the sink takes
+    what was before it, so X goes in and the old reader is woken, but before it runs, the new
+    connection (promoted) routes its own copy of X (or the old reader is cancelled instead,
+    X never handed). Returns the open times the sink got, after the candle before."""
+    settings = load_settings(SETTINGS_ENV)
+    send, receive = trio.open_memory_channel[Record](1)
+    stats = Stats()
+    router = Source(settings, send, stats, resume={("BTCUSDT", "1m"): 0}).router
+    send.send_nowait((b"before", b"{}"))  # the channel is full
+    got: list[int] = []
+
+    async def sink() -> None:
+        async for _, value in receive:
+            got.append(msgspec.json.decode(value, type=Candle).open_time)
+
+    async with trio.open_nursery() as nursery:
+        old = trio.CancelScope()
+
+        async def old_reader() -> None:
+            with old:
+                await router.kline(event(60_000))
+
+        nursery.start_soon(old_reader)
+        await trio.testing.wait_all_tasks_blocked()  # the old reader waits in the send
+        if cancel_old:
+            nursery.start_soon(router.kline, event(60_000))  # the new connection's copy
+            await trio.testing.wait_all_tasks_blocked()
+            old.cancel()  # the replaced connection is closed before X went in
+            await trio.testing.wait_all_tasks_blocked()
+            receive.receive_nowait()  # what was before
+            nursery.start_soon(sink)
+        else:
+            receive.receive_nowait()  # the sink takes what was before: X goes in
+            nursery.start_soon(sink)
+            # The promoted connection, in this task: it routes X before the old reader runs.
+            await router.kline(event(60_000, event_time=60_002))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    return got, stats
+
+
+@pytest.mark.anyio
+async def test_a_candle_in_flight_when_its_connection_is_replaced_is_published_once() -> None:
+    got, stats = await _handover(cancel_old=False)
+    assert got == [60_000]
+    assert stats.duplicates_dropped == 1
+
+
+@pytest.mark.anyio
+async def test_a_candle_whose_send_was_cancelled_is_published_by_the_new_connection() -> None:
+    got, stats = await _handover(cancel_old=True)
+    assert got == [60_000]
+    assert stats.duplicates_dropped == 0
+
+
+@pytest.mark.anyio
+async def test_a_frame_of_the_next_candle_does_not_fill_the_candle_in_flight() -> None:
+    """As above, but the promoted connection's first frame is an update of the candle after
+    X: read before the old reader's send ended, it took X for missing and filled it again."""
+    settings = load_settings(SETTINGS_ENV)
+    send, receive = trio.open_memory_channel[Record](1)
+    router = Source(settings, send, Stats(), resume={("BTCUSDT", "1m"): 0}).router
+    fills: list[Gap] = []
+    router.fill = lambda _stream, _guard, gap: fills.append(gap)
+    send.send_nowait((b"before", b"{}"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(router.kline, event(60_000))
+        await trio.testing.wait_all_tasks_blocked()
+        receive.receive_nowait()  # X goes in; the old reader is woken, not yet run
+        update = KlineUpdateEvent(
+            event="kline", event_time=120_500,
+            kline=KlineUpdate(open_time=120_000, symbol="BTCUSDT", interval="1m", is_closed=False),
+        )  # fmt: skip
+        await router.kline(update)
+        await trio.testing.wait_all_tasks_blocked()
+    assert fills == []
+    assert router.guards[("BTCUSDT", "1m")].next_open == 120_000

@@ -6,7 +6,6 @@ import json
 import time
 from decimal import Decimal
 
-import msgspec
 import pytest
 import trio
 from kafka_broker import KafkaBroker, Listener
@@ -17,6 +16,7 @@ from worker_tools import (
     produce,
     read_topic,
     running_worker,
+    stop_command,
     telemetry,
     worker_settings,
 )
@@ -155,7 +155,7 @@ async def test_stop_command_while_running(kafka: KafkaBroker) -> None:
                 b'{"command":"pause","queue_id":"%s"}' % settings.queue_id.encode(),
             ]
             await trio.to_thread.run_sync(produce, kafka, control, noise)
-            stop = msgspec.json.encode({"command": "stop", "queue_id": settings.queue_id})
+            stop = stop_command(settings.queue_id)
             await trio.to_thread.run_sync(produce, kafka, control, [stop])
             outcome = await worker.finished()
             # The two for us that are not a stop were counted; the foreign one is not ours.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -9,12 +10,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
+from jsonschema import Draft202012Validator
 from kafka import KafkaProducer
 from kafka_broker import KafkaBroker, Listener
 from timing import scaled
 
-from loader import Settings, Worker, load_settings, run
+from loader import Settings, Worker, contracts, load_settings, run
 from loader.testing import Emulator, Kline
 
 CANDLE_FIELDS = [
@@ -78,9 +81,27 @@ async def read_topic(kafka: KafkaBroker, topic: str, expected: int | None = None
     return await trio.to_thread.run_sync(lambda: kafka.read_all(topic, expected=expected))
 
 
+@functools.cache
+def validators(name: str) -> tuple[Any, Any]:
+    """JSON Schema validators of a message `name` (loader/contracts): its value and its key."""
+    schema = json.loads(contracts.committed(name))
+    return Draft202012Validator(schema), Draft202012Validator(schema["$defs"]["key"])
+
+
+def conforms(name: str, key: bytes | None, value: object) -> None:
+    """Raises when a message breaks its published contract, as a consumer would see it."""
+    payload, key_schema = validators(name)
+    payload.validate(value)
+    key_schema.validate(None if key is None else key.decode())
+
+
 def candles(records: list[Any]) -> list[dict[str, Any]]:
-    """Published values, numbers as exact decimals."""
-    return [json.loads(r.value, parse_float=Decimal) for r in records]
+    """Published values, numbers as exact decimals; each checked against the candle schema."""
+    published = [json.loads(r.value, parse_float=Decimal) for r in records]
+    for record, candle in zip(records, published, strict=True):
+        conforms("candle", record.key, candle)
+        assert record.key == f"{candle['symbol']}-{candle['interval']}".encode()
+    return published
 
 
 def expected_candle(k: Kline) -> dict[str, Any]:
@@ -125,10 +146,21 @@ def produce(kafka: KafkaBroker, topic: str, values: list[bytes], key: bytes | No
 
 
 def telemetry(records: list[Any]) -> list[dict[str, Any]]:
+    """Telemetry events, each checked against the telemetry schema and its key."""
     events = [json.loads(r.value) for r in records]
-    for event in events:
+    for record, event in zip(records, events, strict=True):
         assert list(event) == TELEMETRY_FIELDS
+        conforms("telemetry", record.key, event)
+        assert record.key == event["queue_id"].encode()
     return events
+
+
+def stop_command(queue_id: str) -> bytes:
+    """A stop command for `queue_id`, as the queue manager sends it (checked against the
+    control schema)."""
+    command = {"command": "stop", "queue_id": queue_id}
+    conforms("control", queue_id.encode(), command)
+    return msgspec.json.encode(command)
 
 
 def contract() -> dict[str, tuple[str, bool, int]]:

@@ -1,6 +1,7 @@
 """`just run`: the worker on a local default, with the candles shown as Kafka receives them.
 
-Without `BINANCE_WS_URL` it starts the emulator in-process (a 1m candle every second) and
+Without `BINANCE_WS_URL` it starts the emulator in-process (a 1m candle every second), over
+wss as Binance serves it, with a CA made for the run that this process alone trusts, and
 points the worker at it; every other variable keeps its usual meaning, with defaults filled in
 for a local run. The worker itself runs exactly as in a pod (`loader.cli.serve`): Ctrl-C stops
 it gracefully.
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import ssl
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 
 import msgspec
 import trio
+import trustme  # a dev dependency: `just run` has it; nothing the image runs imports this
 from kafka import KafkaConsumer, TopicPartition
 
 from loader import logs
@@ -73,6 +77,19 @@ def _watch(settings: Settings, stop: trio.Event) -> None:
         consumer.close(autocommit=False, timeout_ms=2000)
 
 
+def _trusted_server_context() -> ssl.SSLContext:
+    """A server context whose certificate this process trusts from now on: a CA made for
+    the run, put in OpenSSL's default trust store (`SSL_CERT_FILE`), which the worker's
+    TLS context reads."""
+    ca = trustme.CA()
+    with tempfile.NamedTemporaryFile(prefix="emulator-ca-", suffix=".pem", delete=False) as ca_file:
+        ca_file.write(ca.cert_pem.bytes())
+    os.environ["SSL_CERT_FILE"] = ca_file.name
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    return context
+
+
 async def main(env: Mapping[str, str]) -> int:
     async with trio.open_nursery() as nursery:
         # The emulator's market runs 60x fast from now: a fresh topic per run keeps a second
@@ -80,7 +97,8 @@ async def main(env: Mapping[str, str]) -> int:
         topic = f"candles-local-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
         env = {**LOCAL_DEFAULTS, "KAFKA_TOPIC": topic, **env}
         if not env.get("BINANCE_WS_URL"):
-            emulator = await nursery.start(serve_emulator, EmulatorConfig(speed=SPEED, seed=1))
+            config = EmulatorConfig(speed=SPEED, seed=1, ssl_context=_trusted_server_context())
+            emulator = await nursery.start(serve_emulator, config)
             env["BINANCE_WS_URL"] = emulator.raw_url()
             env["BINANCE_API_URL"] = emulator.ws_api_url
             print(f"Binance emulator at {emulator.url} (1 market minute per second)")
