@@ -137,7 +137,7 @@ run: sync
     fi
     exec uv run python -m loader.testing.demo
 
-# Benchmark end to end (about 35 min; --soak 0 skips the soak): docs/benchmarks.md and its plots, then the whole-market and history-path scenarios, each in its own section there.
+# Benchmark end to end over wss, as Binance serves (about 35 min; --soak 0 skips the soak; --docs DIR writes elsewhere): docs/benchmarks.md and its plots, then the whole-market and history-path scenarios, each in its own section there.
 [positional-arguments]
 bench *args: sync
     BENCH_COMMAND="just bench $*" uv run python -m bench.run "$@"

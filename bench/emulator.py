@@ -13,17 +13,27 @@ EOF on stdin (the orchestrator going away) or SIGTERM ends it.
     python -m bench.emulator --synthetic 1000 --rate 5000 --record-send-times
     python -m bench.emulator --clock        # the market clock (Binance's pace): idle, cadence
     python -m bench.emulator --market 1500 --record-send-times   # the whole spot market
+    python -m bench.emulator --clock --tls DIR   # wss://, as Binance serves; trust DIR/ca.pem
+
+With ``--tls DIR`` it serves wss:// with a certificate for 127.0.0.1 from a CA of its own
+(trustme), made at start, whose certificate it writes to ``DIR/ca.pem`` before it prints its
+URL: a client trusts it through ``SSL_CERT_FILE=DIR/ca.pem`` (OpenSSL's default store, which
+the worker's and trio-websocket's default contexts read). Each message goes out in a TLS
+record of its own, as Binance sends.
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
+import ssl
 import sys
 import time
+from pathlib import Path
 
 import msgspec
 import trio
+import trustme
 
 from loader.testing import (
     DEFAULT_SYMBOLS,
@@ -53,7 +63,25 @@ def _args() -> argparse.Namespace:
         metavar="N",
         help="market mode: N mixed-quote symbols at Binance's cadence (speed 1, spread)",
     )
+    p.add_argument(
+        "--tls",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="serve wss:// with a CA of its own, its certificate written to DIR/ca.pem",
+    )
     return p.parse_args()
+
+
+def _tls(config: EmulatorConfig, folder: Path) -> EmulatorConfig:
+    """``config`` serving wss:// with a certificate for 127.0.0.1 of a CA made now, whose
+    certificate is written to ``folder/ca.pem`` for clients to trust."""
+    ca = trustme.CA()
+    folder.mkdir(parents=True, exist_ok=True)
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    return config.replace(ssl_context=context)
 
 
 def _config(args: argparse.Namespace) -> EmulatorConfig:
@@ -116,7 +144,9 @@ async def _main(config: EmulatorConfig) -> None:
 
 
 def main() -> int:
-    trio.run(_main, _config(_args()))
+    args = _args()
+    config = _config(args)
+    trio.run(_main, config if args.tls is None else _tls(config, args.tls))
     return 0
 
 

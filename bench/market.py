@@ -1,15 +1,16 @@
 """``just bench``'s market scenario: the whole Binance spot market in one worker process.
 
-The emulator (its own process, ``bench.emulator --market``) trades 1,500 symbols quoted in a
-mix of assets, 16 intervals each, at Binance's cadence: an update every 2 s per stream
-(every 1 s on ``1s``), each stream at its own phase, so about 12,750 frames a second, and
-records when it queued each closing frame. One worker (``SYMBOL=*``, every interval,
-``STREAMS_PER_CONNECTION=1000``: 24 connections) carries them into the local Kafka; an
-independent consumer notes when it reads each candle. Measured over ``--window`` seconds
-after ``--warmup``:
+The emulator (its own process, ``bench.emulator --market --tls``: wss:// as Binance serves)
+trades 1,500 symbols quoted in a mix of assets, 16 intervals each, at Binance's cadence: an
+update every 2 s per stream (every 1 s on ``1s``), each stream at its own phase, so about
+12,750 frames a second, and records when it queued each closing frame. One worker
+(``SYMBOL=*``, every interval, ``STREAMS_PER_CONNECTION=1000``: 24 connections) carries them
+into the local Kafka; an independent consumer notes when it reads each candle. Measured over
+``--window`` seconds after ``--warmup``:
 
 * the worker's CPU, as a share of one core (user + system, all threads);
 * its peak resident memory (VmHWM) over the whole run;
+* its CPU per thread (its /metrics) and kafka-python's sensors (``KAFKA_CLIENT_METRICS=1``);
 * freshness of closed candles: emulator queued the closing frame -> the consumer read the
   candle, p50/p99/p99.9, over every candle closed in the window.
 
@@ -27,14 +28,15 @@ import datetime as dt
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import msgspec
 
 from bench.kafka_tools import Kafka, local_broker
-from bench.parties import Consumer, Emulator
+from bench.parties import Consumer, Emulator, free_port, scrape, window_view
 from bench.procs import REPO_ROOT, Procs, usage
+from bench.report import client_table, thread_table
 from bench.results import percentile
 from bench.sections import write_section
 from loader.testing import INTERVALS
@@ -69,6 +71,11 @@ class MarketResult:
     exit_code: int
     final_status: str
     load_before: tuple[float, float, float]
+    # CPU seconds per thread group over the window; kafka-python's sensors at its end.
+    threads: dict[str, float] = field(default_factory=dict)
+    kafka_client: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # the worker's, over the window
+    candles: int = 0  # acknowledged in the window (the worker's counter)
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -117,7 +124,11 @@ def _measure(
     topics = kafka.topics("market")
     consumer = Consumer(procs, "consumer-market", "records", kafka.broker.bootstrap,
                         topics.candles)  # fmt: skip
+    metrics_port = free_port()
     env = {
+        **emulator.env,  # trust the emulator's CA: it serves wss:// as Binance does
+        "METRICS_PORT": str(metrics_port),
+        "KAFKA_CLIENT_METRICS": "1",  # a measuring run: kafka-python's sensors on
         "QUEUE_ID": topics.queue_id,
         "SYMBOL": "*",
         "INTERVAL": ",".join(INTERVALS),
@@ -139,12 +150,15 @@ def _measure(
     )
     kafka.wait_event(topics, "started", 60)
     time.sleep(args.warmup)
+    s0 = scrape(metrics_port)
     w0, e0 = usage(worker.pid), usage(emulator.child.pid)
     t0 = time.time_ns()
     log(f"measuring {args.window:.0f} s")
     time.sleep(args.window)
     t1 = time.time_ns()
     w1, e1 = usage(worker.pid), usage(emulator.child.pid)
+    s1 = scrape(metrics_port)
+    view = window_view(s0, s1)
     log("stop command")
     kafka.send_stop(topics)
     exit_code, _ = worker.wait_exit(60)
@@ -178,6 +192,10 @@ def _measure(
         exit_code=exit_code,
         final_status=events[-1].status if events else "none",
         load_before=load_before,
+        threads=view.threads,
+        kafka_client=view.kafka_client,
+        cpu_seconds=w1.cpu - w0.cpu,
+        candles=round(s1.counters["candles_acknowledged"] - s0.counters["candles_acknowledged"]),
     )
 
 
@@ -229,15 +247,27 @@ def section(r: MarketResult) -> str:
             "## The whole market in one process",
             "",
             f"Run {r.started} with `just bench` (bench/market.py): the emulator in market mode "
-            f"({r.symbols:,} symbols x {r.intervals} intervals = {r.streams:,} streams at "
-            f"Binance's cadence, about {r.frames_per_second:,.0f} frames/s, each stream at its "
-            f"own phase), one worker with `SYMBOL=*` over {r.connections} connections into the "
+            "over `wss://` as Binance serves (one TLS record per message, its CA trusted "
+            f"through `SSL_CERT_FILE`; {r.symbols:,} symbols x {r.intervals} intervals = "
+            f"{r.streams:,} streams at Binance's cadence, about {r.frames_per_second:,.0f} "
+            "frames/s, each stream at its own phase), one worker with `SYMBOL=*` over "
+            f"{r.connections} connections into the "
             f"local Kafka, an independent consumer. Measured over {r.window:.0f} s after "
             f"{r.warmup:.0f} s of warm-up; freshness is from the emulator queueing a closing "
             "frame to the consumer reading the candle. Load average before: "
             f"{' / '.join(f'{x:.2f}' for x in r.load_before)} (2 cores, shared).",
             "",
             table(r),
+            "",
+            "CPU per thread over the window (the worker's `loader_thread_cpu_seconds`), per "
+            "candle acknowledged and as a share of one core:",
+            "",
+            thread_table([("whole market", r.threads, r.candles, r.window, r.cpu_seconds)]),
+            "",
+            "kafka-python's producer sensors at the window's end (`KAFKA_CLIENT_METRICS=1`, "
+            "over its last 5 to 10 s):",
+            "",
+            client_table([("whole market", r.kafka_client)]),
         ]
     )
 

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.kafka_tools import Kafka, Topics
 from bench.procs import Child, Procs
-from bench.results import Lifecycle
+from bench.results import Lifecycle, WorkerView
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
@@ -28,13 +29,20 @@ def combined_url(base: str, streams: int) -> str:
 
 
 class Emulator:
-    """``bench.emulator`` in its own process."""
+    """``bench.emulator`` in its own process: over wss:// as Binance serves (a CA of its own,
+    trusted by the clients given ``env``), or with ``tls=False`` over plain ws://."""
 
-    def __init__(self, procs: Procs, name: str, *args: str) -> None:
-        self.child = procs.python(name, "bench.emulator", *args, talk=True)
+    def __init__(self, procs: Procs, name: str, *args: str, tls: bool = True) -> None:
+        folder = procs.logs / f"{name}-tls"
+        tls_args = ("--tls", str(folder)) if tls else ()
+        self.child = procs.python(name, "bench.emulator", *args, *tls_args, talk=True)
         self.url = self.child.readline(START_TIMEOUT)
-        if not self.url.startswith("ws://"):
+        if not self.url.startswith("wss://" if tls else "ws://"):
             raise RuntimeError(f"{name} did not start: {self.url!r}")
+        self.tls = tls
+        # What a client process needs to trust it: OpenSSL's default store, which the
+        # worker's default context (loader/tls.py) and trio-websocket's read.
+        self.env = {"SSL_CERT_FILE": str(folder / "ca.pem")} if tls else {}
 
     def rate(self, rate: float | str) -> None:
         self.child.send(f"rate {rate}")
@@ -82,18 +90,21 @@ class Worker:
         procs: Procs,
         kafka: Kafka,
         label: str,
-        emulator_url: str,
+        emulator: Emulator,
         streams: list[str],
         topics: Topics,
         *,
         interval: str = "1m",
-        metrics: bool = False,
+        metrics: bool = True,
+        client_metrics: bool = False,
     ) -> None:
         self.kafka = kafka
         self.topics = topics
-        # Its own counters, read over /metrics (a free port picked here).
-        self.metrics_port = _free_port() if metrics else None
+        emulator_url = emulator.url
+        # Its own counters and per-thread CPU, read over /metrics (a free port picked here).
+        self.metrics_port = free_port() if metrics else None
         env = {
+            **emulator.env,
             "QUEUE_ID": topics.queue_id,
             "SYMBOL": ",".join(streams),
             "INTERVAL": interval,
@@ -108,6 +119,8 @@ class Worker:
         }
         if self.metrics_port is not None:
             env["METRICS_PORT"] = str(self.metrics_port)
+        if client_metrics:
+            env["KAFKA_CLIENT_METRICS"] = "1"  # a measuring run: kafka-python's sensors on
         self.child: Child = procs.python(f"worker-{label}", "loader", env=env)
         self.result = Lifecycle(label=label, spawned_ns=self.child.spawned_ns)
 
@@ -135,20 +148,70 @@ class Worker:
 
     def counters(self) -> dict[str, float]:
         """The worker's own counters and gauges from /metrics, by name (`loader_` cut off)."""
+        return self.scrape().counters
+
+    def scrape(self) -> Scrape:
         if self.metrics_port is None:
             raise RuntimeError("this worker was started without metrics")
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        found = {}
-        for line in text.splitlines():
-            if line.startswith("loader_") and "{" not in line:
-                name, _, value = line.partition(" ")
-                found[name.removeprefix("loader_").removesuffix("_total")] = float(value)
-        return found
+        return scrape(self.metrics_port)
 
 
-def _free_port() -> int:
+class Scrape(msgspec.Struct):
+    """A worker's /metrics, read: unlabelled counters and gauges by name (`loader_` and
+    `_total` cut off), CPU seconds per thread by thread name, kafka-python's sensors."""
+
+    counters: dict[str, float]
+    threads: dict[str, float]
+    kafka_client: dict[str, float]
+
+
+def thread_group(name: str) -> str:
+    """A worker thread's name -> what it is (Trio's pool threads are renamed as they go)."""
+    if name == "MainThread":
+        return "Trio (MainThread: the tasks, TLS, decoding)"
+    if name == "loader-kafka-sender":
+        return "sink's sender thread (producer.send)"
+    if name.endswith("-network-thread"):
+        return "kafka-python's network thread"
+    if name.startswith("kafka-io"):
+        return "kafka-python's I/O thread (kafka-io)"
+    if " from " in name or name.startswith("Trio"):
+        return "Trio's worker threads (trio.to_thread: control watcher...)"
+    if name == "metrics" or "process_request_thread" in name:
+        return "/metrics server"
+    return name
+
+
+def window_view(start: Scrape, end: Scrape) -> WorkerView:
+    """Per thread group, CPU seconds between two scrapes (a thread born since counts from
+    zero; one that ended since is left out); kafka-python's sensors as of the end."""
+    threads: dict[str, float] = {}
+    for name, seconds in end.threads.items():
+        group = thread_group(name)
+        threads[group] = threads.get(group, 0.0) + seconds - start.threads.get(name, 0.0)
+    return WorkerView(threads=threads, kafka_client=dict(end.kafka_client))
+
+
+def scrape(port: int) -> Scrape:
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    found = Scrape({}, {}, {})
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.name.startswith("loader_"):
+                continue
+            if not sample.labels:
+                name = sample.name.removeprefix("loader_").removesuffix("_total")
+                found.counters[name] = sample.value
+            elif sample.name == "loader_thread_cpu_seconds":
+                found.threads[sample.labels["thread"]] = sample.value
+            elif sample.name == "loader_kafka_client":
+                found.kafka_client[sample.labels["name"]] = sample.value
+    return found
+
+
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]

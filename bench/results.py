@@ -45,6 +45,15 @@ class Lifecycle(msgspec.Struct, kw_only=True):
         )
 
 
+class WorkerView(msgspec.Struct, kw_only=True):
+    """What the worker itself said over a window (its /metrics): CPU seconds per thread group
+    in the window, and kafka-python's producer sensors at the window's end (averaged over the
+    last 5-10 s; only with KAFKA_CLIENT_METRICS=1)."""
+
+    threads: dict[str, float] = msgspec.field(default_factory=dict)
+    kafka_client: dict[str, float] = msgspec.field(default_factory=dict)
+
+
 class Phase(msgspec.Struct, kw_only=True):
     """Freshness at one firehose rate: every closing frame sent in the window, matched."""
 
@@ -62,6 +71,7 @@ class Phase(msgspec.Struct, kw_only=True):
     broker_cpu: float  # the broker's,
     machine_cpu: float  # and the whole machine's (at most cores x window)
     profile: Profile | None = None  # py-spy right after the window, same rate
+    view: WorkerView | None = None
 
     @property
     def missing(self) -> int:
@@ -94,6 +104,8 @@ class Throughput(msgspec.Struct, kw_only=True):
     machine_cpu: float  # busy CPU seconds of the whole machine (2 cores: at most 2 x window)
     rss_kib: int
     hwm_kib: int
+    plain: bool = False  # over plain ws:// (the comparison row), not wss:// as Binance serves
+    view: WorkerView | None = None
 
     @property
     def rate(self) -> float:
@@ -171,6 +183,7 @@ class Cadence(msgspec.Struct, kw_only=True):
     others_cpu: float  # CPU seconds of the rest of the machine (not worker, emulator, broker)
     rss_kib: int
     profile: Profile | None = None
+    view: WorkerView | None = None
 
     @property
     def share(self) -> float:
@@ -235,9 +248,14 @@ class Run(msgspec.Struct, kw_only=True):
     seconds: float  # the whole benchmark's wall time
     machine: Machine
     settings: dict[str, str | int | float]
-    ws: Baseline | None = None
+    ws: Baseline | None = None  # the bare reader over wss://, as Binance serves
     kafka: Baseline | None = None
     throughput: Throughput | None = None
+    # The comparison row: the bare reader and the worker at full speed over plain ws://.
+    ws_plain: Baseline | None = None
+    throughput_plain: Throughput | None = None
+    # The bare wss reader on the paced firehose, by frames/s: the floor of a read at that rate.
+    ws_paced: dict[float, Baseline] = msgspec.field(default_factory=dict)
     phases: list[Phase] = msgspec.field(default_factory=list)
     idle: Idle | None = None
     lifecycles: list[Lifecycle] = msgspec.field(default_factory=list)

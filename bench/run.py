@@ -6,11 +6,19 @@ its own (emulator, worker, an independent consumer, the baselines):
 1. idle: one stream at Binance's pace — resident memory and CPU at rest, then a stop;
 2. freshness: one worker on ``--streams`` streams while the firehose steps through
    ``--rates`` (all closing frames): emulator send -> consumer read, per candle;
+   then the bare trio-websocket reader alone at those of them with a CPU target (its floor);
 3. start/stop: ``--lifecycle-runs`` workers, spawn -> first candle in Kafka, stop command ->
    exit, delivered count checked against the `interrupted` telemetry;
 4. the two baselines (bare trio-websocket reader, bare kafka-python producer), then the worker
    at the firehose's full speed — throughput from end offsets, CPU per candle, memory — and,
-   with ``--profile``, py-spy samples of it.
+   with ``--profile``, py-spy samples of it; then, for comparison only, the bare reader and
+   the worker at full speed over plain ws:// (``--no-plain``: not).
+
+The emulator serves wss:// as Binance does (a CA of its own per emulator, which the worker
+and the bare reader trust through ``SSL_CERT_FILE``), one TLS record per message. Workers run
+with ``METRICS_PORT`` (their per-thread CPU, read at each window's start and end) and
+``KAFKA_CLIENT_METRICS=1`` (kafka-python's records per request and request rate; a few µs
+per record; ``--no-client-metrics``: off).
 
 Prints the table, saves the raw results in ``--out`` and (unless ``--no-docs``) writes
 ``docs/benchmarks.md`` and ``docs/freshness.png``. Every process it starts is ended, also on
@@ -47,6 +55,7 @@ from bench.scenarios import (
     freshness,
     idle,
     lifecycles,
+    reader_baseline,
     save,
     soak,
     throughput,
@@ -83,6 +92,16 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         default=",".join(PHASES),
         help=f"which parts, comma-separated, of: {','.join(PHASES)}",
+    )
+    p.add_argument(
+        "--no-plain",
+        action="store_true",
+        help="skip the comparison over plain ws:// (bare reader, worker at full speed)",
+    )
+    p.add_argument(
+        "--no-client-metrics",
+        action="store_true",
+        help="workers without kafka-python's sensors (no records per request then)",
     )
     p.add_argument("--out", type=Path, default=None, help="logs and raw data (.cache/bench/...)")
     p.add_argument("--docs", type=Path, default=REPO_ROOT / "docs", help="where to write")
@@ -139,13 +158,17 @@ def _parts(bench: Bench, run: Run, only: set[str], args: argparse.Namespace,
     if "idle" in only:
         run.idle, idle_life = idle(bench)
         run.lifecycles.append(idle_life)
-    if only & {"freshness", "lifecycle"}:
+    if only & {"freshness", "lifecycle", "baselines"}:
         emulator = Emulator(bench.procs, "emulator-paced", "--synthetic", str(bench.streams),
                             "--rate", str(rates[0]), "--record-send-times")  # fmt: skip
         if "freshness" in only:
             run.phases, fresh_life = freshness(bench, emulator, rates,
                                                profile_seconds=args.profile)  # fmt: skip
             run.lifecycles.append(fresh_life)
+        if "baselines" in only:
+            # The floor of a read at the rates with a CPU target: the bare reader, paced.
+            for rate in sorted(set(rates) & set(report.CPU_TARGETS)):
+                run.ws_paced[rate] = reader_baseline(bench, emulator, rate)
         if "lifecycle" in only:
             run.lifecycles += lifecycles(bench, emulator, args.lifecycle_runs,
                                          args.lifecycle_rate)  # fmt: skip
@@ -163,6 +186,9 @@ def _parts(bench: Bench, run: Run, only: set[str], args: argparse.Namespace,
             run.lifecycles.append(max_life)
         emulator.end()
         save(partial, run)
+        if not args.no_plain:
+            _plain(bench, run, only)
+            save(partial, run)
     if "cadence" in only:
         for spec in args.cadence.split(","):
             interval, _, window = spec.partition(":")
@@ -173,6 +199,20 @@ def _parts(bench: Bench, run: Run, only: set[str], args: argparse.Namespace,
     if "soak" in only and args.soak > 0:
         run.soak = soak(bench, args.soak * 60, args.soak_rate)
         save(partial, run)
+
+
+def _plain(bench: Bench, run: Run, only: set[str]) -> None:
+    """The comparison row: the bare reader and the worker at full speed over plain ws://."""
+    emulator = Emulator(bench.procs, "emulator-max-plain", "--synthetic", str(bench.streams),
+                        "--rate", "max", tls=False)  # fmt: skip
+    try:
+        if "baselines" in only:
+            run.ws_plain = reader_baseline(bench, emulator)
+        if "throughput" in only:
+            run.throughput_plain, plain_life, _ = throughput(bench, emulator)
+            run.lifecycles.append(plain_life)
+    finally:
+        emulator.end()
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -208,11 +248,14 @@ def main(argv: list[str] | None = None) -> int:
             "cadence": args.cadence,
             "soak_minutes": args.soak,
             "soak_rate": args.soak_rate,
+            "binance": "wss:// (the emulator's own CA), one TLS record per message",
+            "kafka_client_metrics": int(not args.no_client_metrics),
         },
     )
     try:
         with Procs(out, pycache=REPO_ROOT / ".cache" / "bench" / "pycache") as procs:
-            bench = Bench(procs, kafka, args.streams, args.warmup, args.window, out)
+            bench = Bench(procs, kafka, args.streams, args.warmup, args.window, out,
+                          client_metrics=not args.no_client_metrics)  # fmt: skip
             _parts(bench, run, only, args, rates)
     finally:
         kafka.close()

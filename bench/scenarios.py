@@ -12,8 +12,16 @@ from typing import Any
 import msgspec
 
 from bench import profile
-from bench.kafka_tools import Kafka
-from bench.parties import Consumer, Emulator, Worker, combined_url, settle, symbols
+from bench.kafka_tools import Kafka, Topics
+from bench.parties import (
+    Consumer,
+    Emulator,
+    Worker,
+    combined_url,
+    settle,
+    symbols,
+    window_view,
+)
 from bench.procs import Procs, system_cpu, usage
 from bench.results import (
     Baseline,
@@ -25,6 +33,7 @@ from bench.results import (
     Soak,
     SoakSample,
     Throughput,
+    WorkerView,
 )
 
 
@@ -36,6 +45,14 @@ class Bench:
     warmup: float  # seconds before each window
     window: float  # seconds measured
     out: Path  # logs and raw data of this run
+    # Workers run with kafka-python's sensors on (KAFKA_CLIENT_METRICS=1): records per
+    # request, request rate. A measuring run's cost: a few µs per record.
+    client_metrics: bool = True
+
+    def worker(self, label: str, emulator: Emulator, streams: list[str], topics: Topics,
+               *, interval: str = "1m") -> Worker:  # fmt: skip
+        return Worker(self.procs, self.kafka, label, emulator, streams, topics,
+                      interval=interval, client_metrics=self.client_metrics)  # fmt: skip
 
     def log(self, message: str) -> None:
         print(f"bench: {message}", flush=True)
@@ -46,10 +63,8 @@ class Bench:
 
 def baselines(bench: Bench, emulator: Emulator) -> tuple[Baseline, Baseline]:
     """A bare trio-websocket reader on the firehose, then a bare kafka-python producer."""
+    ws = reader_baseline(bench, emulator)
     timing = ["--warmup", str(bench.warmup), "--seconds", str(bench.window)]
-    url = combined_url(emulator.url, bench.streams)
-    bench.log(f"baseline: bare trio-websocket reader, {bench.streams} streams, firehose max")
-    ws = _baseline(bench, "baseline-ws", "ws", "--url", url, *timing)
     topics = bench.kafka.topics("baseline")
     bench.log("baseline: bare kafka-python producer (worker settings), acks=all, idempotent")
     kafka = _baseline(
@@ -59,8 +74,23 @@ def baselines(bench: Bench, emulator: Emulator) -> tuple[Baseline, Baseline]:
     return ws, kafka
 
 
-def _baseline(bench: Bench, name: str, *args: str) -> Baseline:
-    child = bench.procs.python(name, "bench.baselines", *args, talk=True)
+def reader_baseline(bench: Bench, emulator: Emulator, rate: float | None = None) -> Baseline:
+    """A bare trio-websocket reader on the firehose, over the emulator's scheme and trust;
+    at ``rate`` frames/s (spread evenly) when given, else as fast as it reads."""
+    timing = ["--warmup", str(bench.warmup), "--seconds", str(bench.window)]
+    url = combined_url(emulator.url, bench.streams)
+    scheme = "wss" if emulator.tls else "plain ws"
+    pace = "firehose max" if rate is None else f"{rate:,.0f} frames/s"
+    bench.log(f"baseline: bare trio-websocket reader over {scheme}, {bench.streams} streams, "
+              f"{pace}")  # fmt: skip
+    name = "baseline-ws" + ("" if emulator.tls else "-plain") + (f"-{rate:.0f}" if rate else "")
+    if rate is not None:
+        emulator.rate(rate)
+    return _baseline(bench, name, "ws", "--url", url, *timing, env=emulator.env)
+
+
+def _baseline(bench: Bench, name: str, *args: str, env: dict[str, str] | None = None) -> Baseline:
+    child = bench.procs.python(name, "bench.baselines", *args, env=env, talk=True)
     line = child.readline(bench.warmup + bench.window + 120)
     bench.procs.forget(child)
     return msgspec.json.decode(line, type=Baseline)
@@ -74,19 +104,21 @@ def throughput(
 ) -> tuple[Throughput, Lifecycle, Profile | None]:
     """The worker on the firehose at full speed; end offsets sampled by the consumer."""
     kafka = bench.kafka
-    topics = kafka.topics("throughput")
-    offsets = Consumer(bench.procs, "consumer-throughput", "offsets", kafka.broker.bootstrap,
-                       topics.candles)  # fmt: skip
-    bench.log(f"throughput: worker on {bench.streams} streams, firehose max")
-    worker = Worker(bench.procs, kafka, "max-load", emulator.url, symbols(bench.streams), topics)
+    plain = "" if emulator.tls else "-plain"
+    topics = kafka.topics(f"throughput{plain}")
+    offsets = Consumer(bench.procs, f"consumer-throughput{plain}", "offsets",
+                       kafka.broker.bootstrap, topics.candles)  # fmt: skip
+    scheme = "wss" if emulator.tls else "plain ws (comparison)"
+    bench.log(f"throughput: worker on {bench.streams} streams over {scheme}, firehose max")
+    worker = bench.worker(f"max-load{plain}", emulator, symbols(bench.streams), topics)
     worker.result.first_ns = offsets.first()
     settle(bench.warmup)
     procs = {"worker": worker.pid, "emulator": emulator.child.pid, "broker": kafka.broker.pid}
     before = {name: usage(pid) for name, pid in procs.items()}
-    machine0, w0 = system_cpu(), time.time_ns()
+    scrape0, machine0, w0 = worker.scrape(), system_cpu(), time.time_ns()
     peak_rss = _watch_rss(worker.pid, bench.window)
     after = {name: usage(pid) for name, pid in procs.items()}
-    machine1, w1 = system_cpu(), time.time_ns()
+    scrape1, machine1, w1 = worker.scrape(), system_cpu(), time.time_ns()
     prof = _profile(bench, worker.pid, profile_seconds, "full-speed")
     bench.log("throughput: stop command under full load")
     lifecycle = worker.stop()
@@ -102,6 +134,8 @@ def throughput(
         machine_cpu=machine1 - machine0,
         rss_kib=peak_rss,
         hwm_kib=after["worker"].hwm_kib,
+        plain=not emulator.tls,
+        view=window_view(scrape0, scrape1),
     )
     return result, lifecycle, prof
 
@@ -153,21 +187,23 @@ def freshness(
     consumer = Consumer(bench.procs, "consumer-freshness", "records", kafka.broker.bootstrap,
                         topics.candles)  # fmt: skip
     emulator.rate(rates[0])
-    worker = Worker(bench.procs, kafka, "freshness", emulator.url, symbols(bench.streams), topics)
+    worker = bench.worker("freshness", emulator, symbols(bench.streams), topics)
     worker.result.first_ns = consumer.first()
     procs = {"worker": worker.pid, "consumer": consumer.child.pid,
              "emulator": emulator.child.pid, "broker": kafka.broker.pid}  # fmt: skip
-    windows: list[tuple[float, int, int, dict[str, float], Profile | None]] = []
+    windows: list[tuple[float, int, int, dict[str, float], Profile | None, WorkerView]] = []
     for rate in rates:
         bench.log(f"freshness: {rate:,.0f} frames/s, all closing")
         emulator.rate(rate)
         settle(bench.warmup)
+        scrape0 = worker.scrape()
         before, machine0, w0 = _usages(procs), system_cpu(), time.time_ns()
         settle(bench.window)
         after, machine1, w1 = _usages(procs), system_cpu(), time.time_ns()
+        view = window_view(scrape0, worker.scrape())
         cpu = {name: after[name] - before[name] for name in procs}
         prof = _profile(bench, worker.pid, profile_seconds, f"freshness-{rate:.0f}")
-        windows.append((rate, w0, w1, cpu | {"machine": machine1 - machine0}, prof))
+        windows.append((rate, w0, w1, cpu | {"machine": machine1 - machine0}, prof, view))
     # Back to a trickle so what the last window sent is through before the stop.
     emulator.rate(rates[0])
     settle(2.0)
@@ -179,7 +215,7 @@ def freshness(
         symbol, interval = key.rsplit("-", 1)
         seen.setdefault((f"{symbol.lower()}@kline_{interval}", open_time), (recv_ns, create_ms))
     phases = []
-    for rate, w0, w1, cpu, prof in windows:
+    for rate, w0, w1, cpu, prof, view in windows:
         in_window = sorted((ns, k) for k, ns in sent.items() if w0 <= ns < w1)
         timed = [(ns, seen[k]) for ns, k in in_window if k in seen]
         phases.append(
@@ -196,6 +232,7 @@ def freshness(
                 broker_cpu=cpu["broker"],
                 machine_cpu=cpu["machine"],
                 profile=prof,
+                view=view,
             )
         )
     return phases, lifecycle
@@ -217,8 +254,7 @@ def lifecycles(bench: Bench, emulator: Emulator, runs: int, rate: float) -> list
         topics = bench.kafka.topics("lifecycle")
         consumer = Consumer(bench.procs, f"consumer-lifecycle-{i}", "records",
                             bench.kafka.broker.bootstrap, topics.candles)  # fmt: skip
-        worker = Worker(bench.procs, bench.kafka, f"lifecycle-{i}", emulator.url,
-                        symbols(bench.streams), topics)  # fmt: skip
+        worker = bench.worker(f"lifecycle-{i}", emulator, symbols(bench.streams), topics)
         worker.result.first_ns = consumer.first()
         settle(2.0)
         results.append(worker.stop())
@@ -232,7 +268,7 @@ def idle(bench: Bench) -> tuple[Idle, Lifecycle]:
     emulator = Emulator(bench.procs, "emulator-idle", "--clock")
     try:
         topics = bench.kafka.topics("idle")
-        worker = Worker(bench.procs, bench.kafka, "idle", emulator.url, ["BTCUSDT"], topics)
+        worker = bench.worker("idle", emulator, ["BTCUSDT"], topics)
         worker.wait_started()
         settle(bench.warmup)
         u0 = usage(worker.pid)
@@ -258,18 +294,18 @@ def cadence(bench: Bench, interval: str, window: float, *, profile_seconds: floa
                         "--synthetic", str(bench.streams))  # fmt: skip
     try:
         topics = bench.kafka.topics(f"cadence-{interval}")
-        worker = Worker(bench.procs, bench.kafka, f"cadence-{interval}", emulator.url,
-                        symbols(bench.streams), topics, interval=interval,
-                        metrics=True)  # fmt: skip
+        worker = bench.worker(f"cadence-{interval}", emulator, symbols(bench.streams), topics,
+                              interval=interval)  # fmt: skip
         worker.wait_started()
         settle(bench.warmup)
         procs = {"worker": worker.pid, "emulator": emulator.child.pid,
                  "broker": bench.kafka.broker.pid}  # fmt: skip
-        c0, u0, machine0 = worker.counters(), _usages(procs), system_cpu()
+        s0, u0, machine0 = worker.scrape(), _usages(procs), system_cpu()
         t0 = time.monotonic()
         settle(window)
-        c1, u1, machine1 = worker.counters(), _usages(procs), system_cpu()
+        s1, u1, machine1 = worker.scrape(), _usages(procs), system_cpu()
         t1 = time.monotonic()
+        c0, c1 = s0.counters, s1.counters
         used = {name: u1[name] - u0[name] for name in procs}
         result = Cadence(
             interval=interval,
@@ -280,6 +316,7 @@ def cadence(bench: Bench, interval: str, window: float, *, profile_seconds: floa
             candles=round(c1["candles_acknowledged"] - c0["candles_acknowledged"]),
             others_cpu=machine1 - machine0 - sum(used.values()),
             rss_kib=usage(worker.pid).rss_kib,
+            view=window_view(s0, s1),
             profile=_profile(bench, worker.pid, profile_seconds, f"cadence-{interval}"),
         )
         worker.stop()
@@ -299,8 +336,7 @@ def soak(bench: Bench, seconds: float, rate: float, every: float = 5.0) -> Soak:
                         "--rate", str(rate))  # fmt: skip
     try:
         topics = bench.kafka.topics("soak")
-        worker = Worker(bench.procs, bench.kafka, "soak", emulator.url, symbols(bench.streams),
-                        topics, metrics=True)  # fmt: skip
+        worker = bench.worker("soak", emulator, symbols(bench.streams), topics)
         worker.wait_started()
         result = Soak(streams=bench.streams, rate=rate, seconds=seconds, samples=[])
         spawned = worker.child.spawned_ns / 1e9

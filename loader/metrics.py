@@ -9,8 +9,11 @@ prometheus-client's own (thread-safe), observed once per acknowledged batch.
 
 from __future__ import annotations
 
+import collections
+import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -39,6 +42,7 @@ class Metrics:
         channel_depth: Callable[[], int],
         *,
         intervals: Iterable[str] = (),
+        kafka_client: Callable[[], Mapping[str, Mapping[str, float]]] | None = None,
     ) -> None:
         self.stats = stats
         self.channel_depth = channel_depth
@@ -54,6 +58,9 @@ class Metrics:
             self._owner = None
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_StatsCollector(self))
+        self.registry.register(_ThreadCollector())
+        if kafka_client is not None:
+            self.registry.register(_KafkaClientCollector(kafka_client))
         self.delivery_latency = Histogram(
             "loader_kafka_delivery_seconds",
             "Time from handing a batch to kafka-python to Kafka acknowledging all of it.",
@@ -164,6 +171,70 @@ class _StatsCollector(Collector):
             "Candles waiting in the channel for the Kafka sink.",
             value=depth,
         )
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) of each live thread of this process, by thread name (those
+    sharing a name summed), from `/proc/self/task/<tid>/stat`: empty where there is no /proc.
+
+    By the kernel's thread id rather than a per-thread CPU clock of the `pthread_t`: a thread
+    that ends meanwhile is a missing file here, not a clock of a freed thread."""
+    found: collections.defaultdict[str, float] = collections.defaultdict(float)
+    for thread in threading.enumerate():
+        try:
+            stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
+        except OSError:
+            continue  # ended since, or no /proc
+        # The name may hold spaces and parentheses: the fields start after the last ')'.
+        fields = stat.rsplit(")", 1)[1].split()
+        found[thread.name] += (int(fields[11]) + int(fields[12])) / _TICKS
+    return dict(found)
+
+
+class _ThreadCollector(Collector):
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "loader_thread_cpu_seconds",
+            "CPU seconds used so far by each live thread, by thread name (MainThread: Trio; "
+            "an ended thread's time leaves the sum).",
+            labels=["thread"],
+        )
+        for name, seconds in sorted(thread_cpu().items()):
+            family.add_metric([name], seconds)
+        yield family
+
+
+# kafka-python's producer sensors worth a benchmark's reading (KAFKA_CLIENT_METRICS=1).
+KAFKA_CLIENT_METRICS = (
+    "records-per-request-avg", "request-rate", "batch-size-avg", "record-send-rate",
+    "request-latency-avg", "record-queue-time-avg", "requests-in-flight", "request-size-avg",
+)  # fmt: skip
+
+
+class _KafkaClientCollector(Collector):
+    """kafka-python's own producer metrics, when a measuring run turned them on."""
+
+    def __init__(self, read: Callable[[], Mapping[str, Mapping[str, float]]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "loader_kafka_client",
+            "kafka-python's producer metrics (KAFKA_CLIENT_METRICS=1 only), each averaged or "
+            "rated over its last 5 to 10 s, by kafka-python's name.",
+            labels=["name"],
+        )
+        try:
+            group = self.read().get("producer-metrics", {})
+        except RuntimeError:  # its registry grew while read (a new topic's sensors): next time
+            group = {}
+        for name in KAFKA_CLIENT_METRICS:
+            if name in group:
+                family.add_metric([name], float(group[name]))
+        yield family
 
 
 def _counter(name: str, documentation: str, value: int) -> CounterMetricFamily:

@@ -187,6 +187,7 @@ async def run(
         worker.stats,
         lambda: candles_out.statistics().current_buffer_used,
         intervals=settings.intervals,
+        kafka_client=producer.metrics if settings.kafka.client_metrics else None,
     )
     sink = worker.sink = KafkaSink(
         producer, settings.kafka_topic, worker.stats, worker.metrics.delivery_latency.observe,

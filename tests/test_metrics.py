@@ -18,6 +18,7 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from worker_tools import running_worker, worker_settings
+from wss import Wss
 
 from loader.metrics import Metrics, healthy, serve_metrics
 from loader.stats import Stats
@@ -77,6 +78,36 @@ async def test_metrics_count_what_the_worker_does(kafka: KafkaBroker) -> None:
     assert "loader_channel_depth" in second
     assert second["loader_candles_lost_total"] == 0
     assert second["loader_holes_total"] == 0
+    # kafka-python's own sensors stay off unless a measuring run asks for them.
+    assert not [name for name in second if name.startswith("loader_kafka_client")]
+
+
+async def test_a_measuring_run_shows_cpu_per_thread_and_kafka_pythons_requests(
+    kafka: KafkaBroker, wss: Wss
+) -> None:
+    """Over wss, as Binance serves: per-thread CPU by thread name, and with
+    KAFKA_CLIENT_METRICS=1 kafka-python's records per request and request rate."""
+    topic = await trio.to_thread.run_sync(kafka.new_topic, "metrics-measuring")
+    async with open_emulator(wss.serve(FAST)) as emulator:
+        assert emulator.url.startswith("wss://")
+        settings = worker_settings(kafka, emulator, topic, METRICS_PORT="0",
+                                   KAFKA_CLIENT_METRICS="1")  # fmt: skip
+        async with running_worker(settings) as worker:
+            assert worker.metrics_port
+            await worker.wait_written(5)
+            found = samples((await get(worker.metrics_port, "/metrics"))[1])
+            worker.stop()
+            await worker.finished()
+    threads = {
+        name.removeprefix("loader_thread_cpu_seconds{thread=").removesuffix("}"): seconds
+        for name, seconds in found.items()
+        if name.startswith("loader_thread_cpu_seconds{")
+    }
+    assert threads["MainThread"] > 0  # Trio: imports, TLS handshake, decoding
+    assert "loader-kafka-sender" in threads
+    assert [name for name in threads if name.endswith("-network-thread")]  # kafka-python's
+    assert found["loader_kafka_client{name=records-per-request-avg}"] >= 1
+    assert found["loader_kafka_client{name=request-rate}"] > 0
 
 
 async def test_healthz_fails_when_the_pipeline_stalls(kafka: KafkaBroker) -> None:

@@ -40,6 +40,13 @@ def test_coalescing_is_in_milliseconds_and_zero_turns_it_off() -> None:
     assert load_settings({**MINIMAL, "COALESCE_MS": "0"}).coalesce == 0.0
 
 
+def test_kafka_client_metrics_are_off_unless_a_measuring_run_asks() -> None:
+    assert not load_settings(MINIMAL).kafka.client_metrics
+    assert load_settings({**MINIMAL, "KAFKA_CLIENT_METRICS": "1"}).kafka.client_metrics
+    with pytest.raises(ConfigError, match="KAFKA_CLIENT_METRICS='yes' is not one of 0, 1"):
+        load_settings({**MINIMAL, "KAFKA_CLIENT_METRICS": "yes"})
+
+
 def test_streams_are_every_symbol_interval_pair_in_lowercase_names() -> None:
     s = load_settings({**MINIMAL, "SYMBOL": "BTCUSDT, ethusdt,BTCUSDT", "INTERVAL": "1m,1h"})
     assert s.stream_names == (
