@@ -22,6 +22,7 @@ import trio
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka_broker import KafkaBroker
+from tcp_proxy import tcp_proxy
 from timing import scaled
 from worker_tools import (
     candles,
@@ -142,30 +143,14 @@ async def slow_proxy(upstream: str, delay: float) -> AsyncIterator[tuple[str, tr
     """A TCP proxy to `upstream` that holds each connection for `delay` seconds before it
     forwards anything: a Kafka that is slow to answer the bootstrap. Yields its address and
     an event set when the first connection arrives."""
-    host, _, port = upstream.rpartition(":")
     arrived = trio.Event()
 
-    async def pipe(source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
-        try:
-            async for chunk in source:
-                await sink.send_all(chunk)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await sink.aclose()
-
-    async def handle(client: trio.SocketStream) -> None:
+    async def admit(_: int) -> None:
         arrived.set()
         await trio.sleep(delay)  # the slowness under test, not a synchronisation
-        server = await trio.open_tcp_stream(host, int(port))
-        async with client, server, trio.open_nursery() as nursery:
-            nursery.start_soon(pipe, client, server)
-            nursery.start_soon(pipe, server, client)
 
-    async with trio.open_nursery() as nursery:
-        (listener,) = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-        yield f"127.0.0.1:{listener.socket.getsockname()[1]}", arrived
-        nursery.cancel_scope.cancel()
+    async with tcp_proxy(upstream, admit) as address:
+        yield address, arrived
 
 
 async def test_sigterm_while_kafka_is_slow_to_answer(kafka: KafkaBroker) -> None:

@@ -10,6 +10,7 @@ from functools import partial
 import pytest
 import trio
 from kafka_broker import KafkaBroker
+from tcp_proxy import tcp_proxy
 from timing import scaled
 from worker_tools import read_topic, telemetry, worker_settings
 
@@ -24,35 +25,15 @@ async def first_only_proxy(upstream: str) -> AsyncIterator[tuple[str, trio.Event
     """A TCP proxy to `upstream` that forwards its first connection (the producer's bootstrap:
     the broker then advertises its own address) and holds every later one unanswered (a
     Kafka that stopped answering). Yields its address and an event set when one is held."""
-    host, _, port = upstream.rpartition(":")
     held = trio.Event()
-    connections = 0
 
-    async def pipe(source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
-        try:
-            async for chunk in source:
-                await sink.send_all(chunk)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await sink.aclose()
-
-    async def handle(client: trio.SocketStream) -> None:
-        nonlocal connections
-        connections += 1
-        if connections > 1:
+    async def admit(number: int) -> None:
+        if number > 1:
             held.set()
-            async with client:
-                await trio.sleep_forever()
-        server = await trio.open_tcp_stream(host, int(port))
-        async with client, server, trio.open_nursery() as nursery:
-            nursery.start_soon(pipe, client, server)
-            nursery.start_soon(pipe, server, client)
+            await trio.sleep_forever()
 
-    async with trio.open_nursery() as nursery:
-        (listener,) = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-        yield f"127.0.0.1:{listener.socket.getsockname()[1]}", held
-        nursery.cancel_scope.cancel()
+    async with tcp_proxy(upstream, admit) as address:
+        yield address, held
 
 
 async def test_a_stop_while_the_control_consumer_reaches_kafka_ends_at_once(
