@@ -141,13 +141,14 @@ def _machine(broker: Broker) -> Machine:
 
 
 def _command(argv: list[str] | None) -> str:
-    """How this run was started, with the broker settings from the environment, if any."""
+    """How this run was started, with the broker settings from the environment, if any (not
+    its folder: a path of this machine, which says nothing to a reader elsewhere)."""
     args = sys.argv[1:] if argv is None else argv
     command = os.environ.get("BENCH_COMMAND", "").strip() or shlex.join(
         ["uv", "run", "python", "-m", "bench.run", *args]
     )
     env = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items())
-           if k.startswith("LOADER_KAFKA_")]  # fmt: skip
+           if k.startswith("LOADER_KAFKA_") and k != "LOADER_KAFKA_HOME"]  # fmt: skip
     return " ".join([*env, command])
 
 
