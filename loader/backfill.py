@@ -1,15 +1,16 @@
-"""The backfiller: fills each stream's gap from history, off the reader's path.
+"""The backfiller: fetches a stream's missing candles from history, off the reader's path.
 
-A fill fetches one page at a time and publishes it before asking for the next, so memory is
-one page whatever the gap; then it releases the live candles the guard held meanwhile, in
-order, and fills any gap found among them. Fills of different streams run side by side over
-the one history connection; each page has its own timeout and its own retries.
+It is a service of the router (`loader/router.py`), which owns each stream's gap: it starts a
+fill as a task here, and the fill asks `fetch` for the gap's candles. `fetch` takes one page
+at a time and publishes it before asking for the next, so memory is one page whatever the
+gap. Fills of different streams run side by side over the one history connection, at most
+`CONCURRENT_FILLS` fetching at once; each page has its own timeout and its own retries.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
@@ -20,13 +21,14 @@ from loader.errors import FatalError
 from loader.guard import Gap
 from loader.history import PAGE, HistoryClient, HistoryError, HistoryUnavailable
 from loader.intervals import next_open
-from loader.router import Guard, Router, Stream
 from loader.stats import Stats
 
 log = logging.getLogger(__name__)
 
-# Fills in flight at once: enough to keep the history connection busy, few enough that
-# pages (one each) stay small in memory.
+Stream = tuple[str, str]  # (SYMBOL, interval)
+
+# Fills fetching at once: enough to keep the history connection busy, few enough that pages
+# (one each) stay small in memory.
 CONCURRENT_FILLS: Final = 16
 # A page that cannot be had after this many tries (about five minutes with backoff) ends the
 # run: the Job's retry resumes from the topic and fills the gap then.
@@ -36,12 +38,10 @@ PAGE_ATTEMPTS: Final = 12
 class Backfiller:
     def __init__(
         self,
-        router: Router,
         history: HistoryClient,
         stats: Stats,
         invalid_symbol: Callable[[str, HistoryError], None],
     ) -> None:
-        self.router = router
         self.history = history
         self.stats = stats
         # Called when history says Binance does not know a stream's symbol (-1121): that is
@@ -56,32 +56,25 @@ class Backfiller:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self.router.fill = self.start
             task_status.started()
             await trio.sleep_forever()
 
-    def start(self, stream: Stream, guard: Guard, gap: Gap) -> None:
-        assert self._nursery is not None
+    def start(self, stream: Stream, fill: Callable[[], Awaitable[None]]) -> None:
+        """Run `fill` (the router's, for `stream`) as a task of its own."""
+        if self._nursery is None:
+            raise RuntimeError("a gap to fill, and no backfiller running")
         if self.active == 0:
             self._idle = trio.Event()
         self.active += 1
-        self._nursery.start_soon(self._fill, stream, guard, gap)
+        self._nursery.start_soon(self._run, stream, fill)
 
     async def idle(self) -> None:
         """Return once no fill is in progress."""
         await self._idle.wait()
 
-    async def _fill(self, stream: Stream, guard: Guard, first: Gap) -> None:
+    async def _run(self, stream: Stream, fill: Callable[[], Awaitable[None]]) -> None:
         try:
-            gap: Gap | None = first
-            while gap is not None:
-                async with self._slots:
-                    await self._fetch(stream, guard, gap)
-                lacking = guard.finish_fill(gap.end)
-                if lacking is not None:
-                    self.router.hole(stream, lacking.first, lacking.end, lacking.count,
-                                     "history lacks")  # fmt: skip
-                gap = await self._release(stream, guard)
+            await fill()
         except HistoryError as exc:
             # Only an unknown symbol gets here (`_page`); its streams are dropped with it.
             self.invalid_symbol(stream[0], exc)
@@ -90,19 +83,23 @@ class Backfiller:
             if self.active == 0:
                 self._idle.set()
 
-    async def _fetch(self, stream: Stream, guard: Guard, gap: Gap) -> None:
+    async def fetch(
+        self, stream: Stream, gap: Gap, publish: Callable[[Kline], Awaitable[None]]
+    ) -> None:
+        """Every candle of `gap` that history has, in order, each handed to `publish`."""
         symbol, interval = stream
         fields = {"stream": stream_name(symbol, interval), "gap_start": gap.start,
                   "gap_end": gap.end}  # fmt: skip
         cursor, filled = gap.start, 0
-        while cursor < gap.end:
-            page = await self._page(symbol, interval, cursor, gap.end - 1)
-            if not page:
-                break
-            for kline in page:
-                await self.router.publish_filled(stream, guard, kline)
-            filled += len(page)
-            cursor = next_open(interval, page[-1].open_time)
+        async with self._slots:
+            while cursor < gap.end:
+                page = await self._page(symbol, interval, cursor, gap.end - 1)
+                if not page:
+                    break
+                for kline in page:
+                    await publish(kline)
+                filled += len(page)
+                cursor = next_open(interval, page[-1].open_time)
         log.info("backfilled %d closed candles", filled, extra=fields)
 
     async def _page(self, symbol: str, interval: str, start: int, end: int) -> list[Kline]:
@@ -122,23 +119,3 @@ class Backfiller:
                             symbol, interval, exc, delay)  # fmt: skip
                 await trio.sleep(delay)
         raise AssertionError("unreachable")
-
-    async def _release(self, stream: Stream, guard: Guard) -> Gap | None:
-        """Publish what the reader held during the fill; a gap among it is the next fill."""
-        while True:
-            step = guard.release(self.router.latest_event_ms)
-            if step is None:
-                return None
-            if isinstance(step, Gap):
-                if step.lost:
-                    self.router.hole(stream, step.first_missing, step.start, step.lost,
-                                     "beyond BACKFILL_WINDOW")  # fmt: skip
-                if step.fetch:
-                    self.stats.fills_started += 1
-                    return step
-                continue
-            verdict, _, event = step
-            if verdict == "publish":
-                await self.router.publish(guard, event.kline)
-            else:
-                self.stats.duplicates_dropped += 1

@@ -237,10 +237,10 @@ class StreamGuard(Generic[T]):
             return self.gap_to(ahead, max(event_time, self.ahead_at))
         open_time, held_at, item = self.held[0]
         if open_time > self.next_open:
-            self.filling = False
             gap = self.gap_to(open_time, max(event_time, held_at))
             assert gap is not None
-            # Candles are still held: the reader keeps holding until they are all out.
+            # Candles are still held: the reader keeps holding until they are all out,
+            # whether or not this gap has candles to fetch.
             self.filling = True
             return gap
         self.held.popleft()

@@ -1,19 +1,23 @@
-"""Every candle on its way into the channel: the stream's guard decides, gaps go to the
-backfiller, holes are counted and reported.
+"""Every candle on its way into the channel: the stream's guard decides, and the router owns
+each stream's gap from start to end: found, its lost part reported, its candles fetched by
+the backfiller (a service, `loader/backfill.py`), then what the reader held meanwhile
+released, a gap among that filled in turn.
 
-The reader of the current connection calls `kline` for each frame; a fill calls
-`publish_filled` for each candle from history and then `release` for what the reader held
-meanwhile. Exactly one of them publishes a stream's closed candles at a time: while a fill is
-in progress the guard holds that stream's live candles, so each stream stays in order.
+The reader of the current connection calls `kline` for each frame; a fill publishes each
+candle from history and then releases what the reader held meanwhile. Exactly one of them
+publishes a stream's closed candles at a time: while a fill is in progress the guard holds
+that stream's live candles, so each stream stays in order.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import trio
 
+from loader.backfill import Backfiller
 from loader.binance import BadFrame, Kline, KlineEvent, KlineUpdateEvent, RecordEncoder, stream_name
 from loader.guard import Gap, StreamGuard
 from loader.intervals import INTERVALS
@@ -46,8 +50,11 @@ class Router:
         on_hole: Callable[[str], object] = lambda _: None,
         streams: Iterable[Stream] | None = None,
         resume_unknown: Iterable[Stream] = (),
+        fills: Backfiller | None = None,
     ) -> None:
         self.settings = settings
+        # Fetches the gaps (none: a gap to fill is a bug of the caller's wiring).
+        self.fills = fills
         self.candles = candles
         self.stats = stats
         self.on_hole = on_hole
@@ -73,8 +80,6 @@ class Router:
         # Guards whose next candle is being sent, under backpressure, right now, each with
         # the event set once that send has ended (the candle in the channel, or cancelled).
         self.sending: dict[Guard, trio.Event] = {}
-        # Set by the backfiller when it runs: starts the fill of one gap.
-        self.fill: Callable[[Stream, Guard, Gap], None] | None = None
 
     def drop_symbol(self, symbol: str) -> int:
         """Stop publishing `symbol`'s streams (Binance does not know it); how many there were.
@@ -212,13 +217,59 @@ class Router:
             self.stats.candles_backfilled += 1
 
     def gap(self, stream: Stream, guard: Guard, gap: Gap) -> None:
+        """A gap the guard opened: its lost part reported, its fillable part fetched."""
+        if self._opened(stream, gap):
+            if self.fills is None:
+                raise RuntimeError("a gap to fill, and no backfiller")
+            self.fills.start(stream, partial(self._fill, stream, guard, gap))
+
+    def fill_to(self, stream: Stream, boundary: int, binance_now: int) -> bool:
+        """Fill `stream` up to the candle opening at `boundary`, closed by `binance_now`,
+        unless a fill or a send of it is in progress (that one gets there): whether a fill
+        started."""
+        guard = self.guards[stream]
+        if guard.filling or guard in self.sending:
+            return False
+        gap = guard.gap_to(boundary, binance_now)
+        if gap is None:
+            return False
+        self.gap(stream, guard, gap)
+        return True
+
+    def _opened(self, stream: Stream, gap: Gap) -> bool:
+        """Report `gap`'s lost part; whether it has candles to fetch."""
         if gap.lost:
             self.hole(stream, gap.first_missing, gap.start, gap.lost, "beyond BACKFILL_WINDOW")
         if gap.fetch:
-            if self.fill is None:
-                raise RuntimeError("a gap to fill, and no backfiller running")
             self.stats.fills_started += 1
-            self.fill(stream, guard, gap)
+        return gap.fetch
+
+    async def _fill(self, stream: Stream, guard: Guard, gap: Gap) -> None:
+        """Fetch `gap`, then release what the reader held meanwhile; a gap found among that
+        is fetched in turn, until the guard has nothing held."""
+        assert self.fills is not None
+        publish = partial(self.publish_filled, stream, guard)
+        current: Gap | None = gap
+        while current is not None:
+            await self.fills.fetch(stream, current, publish)
+            lacking = guard.finish_fill(current.end)
+            if lacking is not None:
+                self.hole(stream, lacking.first, lacking.end, lacking.count, "history lacks")
+            current = await self._release(stream, guard)
+
+    async def _release(self, stream: Stream, guard: Guard) -> Gap | None:
+        """Publish what the reader held during the fill, up to a gap with candles to fetch."""
+        while (step := guard.release(self.latest_event_ms)) is not None:
+            if isinstance(step, Gap):
+                if self._opened(stream, step):
+                    return step
+                continue
+            verdict, _, event = step
+            if verdict == "publish":
+                await self.publish(guard, event.kline)
+            else:
+                self.stats.duplicates_dropped += 1
+        return None
 
     def _resume_lost(self, streams: list[Stream]) -> None:
         """Streams the resume scan could not place: each starts afresh after a hole of unknown

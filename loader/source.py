@@ -39,7 +39,7 @@ from loader.binance import (
 )
 from loader.errors import FatalError
 from loader.guard import Hole
-from loader.history import HistoryClient
+from loader.history import HistoryClient, HistoryError
 from loader.intervals import candle_open
 from loader.listings import Listing, follow_listings
 from loader.pacing import pace
@@ -376,6 +376,8 @@ class Source:
     """Reads this shard's streams, over as many connections as `STREAMS_PER_CONNECTION`
     needs, into `candles`; with `SYMBOL` wildcards it follows listings and delistings."""
 
+    symbols: Symbols
+
     def __init__(
         self,
         settings: Settings,
@@ -393,11 +395,6 @@ class Source:
         self.candles = candles
         self.stats = stats
         self.streams: list[Stream] = list(settings.streams if streams is None else streams)
-        self.router = Router(
-            settings, candles, stats, resume=resume, on_hole=on_hole, streams=self.streams,
-            resume_unknown=resume_unknown,
-        )  # fmt: skip
-        self.guards = self.router.guards
         self.plan = ConnectionPlan.initial(
             [stream_name(*s) for s in self.streams], settings.streams_per_connection
         )
@@ -409,8 +406,19 @@ class Source:
         budget = ConnectBudget(per_minute)
         self.backoff = Backoff(budget=budget)
         self.history = HistoryClient(settings.binance_api_url, Backoff(budget=budget), stats)
+
+        # The router needs the backfiller, which drops unknown symbols through `symbols`,
+        # which needs the router: the drop is looked up when a fill hears -1121.
+        def drop(symbol: str, error: HistoryError) -> None:
+            self.symbols.drop(symbol, error)
+
+        self.backfiller = Backfiller(self.history, stats, drop)
+        self.router = Router(
+            settings, candles, stats, resume=resume, on_hole=on_hole, streams=self.streams,
+            resume_unknown=resume_unknown, fills=self.backfiller,
+        )  # fmt: skip
+        self.guards = self.router.guards
         self.symbols = Symbols(self.router, stats, on_notice)
-        self.backfiller = Backfiller(self.router, self.history, stats, self.symbols.drop)
         self.base = settings.binance_ws_url.rstrip("/").removesuffix("/ws").removesuffix("/stream")
         self.tls = TlsWatch(self.base)
         self.numbers = itertools.count(1)
@@ -506,18 +514,17 @@ class Source:
                 return lagging
             if now >= ask_at:
                 for stream in lagging:
-                    guard = self.guards[stream]
                     boundary = candle_open(stream[1], stop_ms + 1)
                     # Binance's clock as its frames last told it, or ours if the feed is
                     # dead: either says whether the candles have closed by now.
                     binance_now = max(self.router.latest_event_ms, int(time.time() * 1000))
                     late = binance_now >= boundary + CLOSE_MARGIN_MS
-                    idle = not guard.filling and guard not in self.router.sending
-                    if stream not in asked and idle and late:
+                    if (
+                        stream not in asked
+                        and late
+                        and self.router.fill_to(stream, boundary, binance_now)
+                    ):
                         asked.add(stream)
-                        gap = guard.gap_to(boundary, binance_now)
-                        if gap is not None:
-                            self.router.gap(stream, guard, gap)
             # Progress comes from the reader and the fills; a short poll keeps this apart
             # from the hot path.
             await trio.sleep(0.05)

@@ -10,7 +10,6 @@ import trio
 import trio.testing
 
 from loader.binance import Kline, KlineEvent, KlineUpdate, KlineUpdateEvent
-from loader.guard import Gap
 from loader.schema import Candle, Record
 from loader.settings import Settings, load_settings
 from loader.source import Backoff, Source
@@ -175,14 +174,16 @@ async def test_a_candle_whose_send_was_cancelled_is_published_by_the_new_connect
 
 
 @pytest.mark.anyio
-async def test_a_frame_of_the_next_candle_does_not_fill_the_candle_in_flight() -> None:
+async def test_a_frame_of_the_next_candle_does_not_fill_the_candle_in_flight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """As above, but the promoted connection's first frame is an update of the candle after
     X: read before the old reader's send ended, it took X for missing and filled it again."""
     settings = epoch_settings()
     send, receive = trio.open_memory_channel[Record](1)
     router = Source(settings, send, Stats(), resume={("BTCUSDT", "1m"): 0}).router
-    fills: list[Gap] = []
-    router.fill = lambda _stream, _guard, gap: fills.append(gap)
+    fills: list[tuple[str, str]] = []
+    monkeypatch.setattr(router.fills, "start", lambda stream, _fill: fills.append(stream))
     send.send_nowait((b"before", b"{}"))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(router.kline, event(60_000))
