@@ -3,14 +3,19 @@ trusted by the process through OpenSSL's default trust store (`SSL_CERT_FILE`)."
 
 from __future__ import annotations
 
+import queue
 import ssl
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 import trustme
 
-from loader.testing import EmulatorConfig
+from loader.testing import Emulator, EmulatorConfig, serve_emulator
 
 
 @dataclass(frozen=True)
@@ -45,3 +50,25 @@ def wss(wss_ca: Wss, monkeypatch: pytest.MonkeyPatch) -> Wss:
     """`wss_ca`, trusted by this process for the test (the service's default context)."""
     monkeypatch.setenv("SSL_CERT_FILE", str(wss_ca.ca_file))
     return wss_ca
+
+
+@contextmanager
+def emulator_thread(config: EmulatorConfig) -> Iterator[Emulator]:
+    """The emulator on a Trio loop of its own, in a thread: a client that sleeps (a paced
+    reader) leaves it running, as Binance does, instead of idling the one loop they share.
+    Only its URLs may be used from the caller's thread."""
+    ready: queue.Queue[tuple[Emulator, trio.lowlevel.TrioToken, trio.CancelScope]] = queue.Queue()
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            emulator = await nursery.start(serve_emulator, config)
+            ready.put((emulator, trio.lowlevel.current_trio_token(), nursery.cancel_scope))
+
+    thread = threading.Thread(target=trio.run, args=(serve,), name="emulator", daemon=True)
+    thread.start()
+    emulator, token, scope = ready.get(timeout=30)
+    try:
+        yield emulator
+    finally:
+        token.run_sync_soon(scope.cancel)
+        thread.join(timeout=30)
