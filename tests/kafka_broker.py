@@ -194,14 +194,15 @@ def broker_from_env(environ: Mapping[str, str]) -> KafkaBroker | None:
 
 
 def load_broker_module() -> ModuleType:
-    """kafka/broker.py as a module, for its probes and process helpers."""
+    """The local Kafka's package (kafka/local/, loaded the way kafka/broker.py loads it), for
+    its probes and process helpers."""
     spec = importlib.util.spec_from_file_location("local_kafka_broker", BROKER_SCRIPT)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and the like look themselves up there
     spec.loader.exec_module(module)
-    return module
+    package: ModuleType = module.load_package()
+    return package
 
 
 def run_broker_script(
