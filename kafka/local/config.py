@@ -4,6 +4,7 @@ options, and the storage formatted once."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 import shlex
@@ -16,12 +17,12 @@ from pathlib import Path
 from .jars import classpath, java_command
 from .layout import (
     HOST,
-    NODE_ID,
     SCRAM_MECHANISM,
     STORAGE_TOOL_CLASS,
     USERNAME,
     BrokerError,
     Layout,
+    Node,
     log,
 )
 
@@ -32,7 +33,7 @@ def ensure_password(layout: Layout) -> str:
         return layout.password_file.read_text().strip()
     except FileNotFoundError:
         pass
-    if (layout.data / "meta.properties").exists():
+    if any((node.data / "meta.properties").exists() for node in layout.nodes):
         raise BrokerError(
             f"{layout.password_file} is gone but the storage was formatted with a password "
             f"in it: run `{Path(sys.argv[0]).name} wipe` to format it anew"
@@ -54,13 +55,20 @@ def read_password(layout: Layout) -> str:
         ) from None
 
 
-def server_properties(layout: Layout) -> str:
-    p, s, c = layout.plaintext_port, layout.sasl_ssl_port, layout.controller_port
+def server_properties(layout: Layout, node: Node) -> str:
+    p, s, c = node.ports
+    # One node: one replica of everything. A cluster: as in production (Strimzi, three
+    # brokers), three replicas and two in sync for an acks=all write to succeed.
+    replicas = min(len(layout.nodes), 3)
+    min_isr = 2 if replicas >= 3 else 1
     settings = {
-        # KRaft combined mode: one process is the broker and the only controller.
+        # KRaft combined mode: every node is a broker and one of the controllers (the only
+        # one of a single-node Kafka), the voters fixed here rather than added at run time.
         "process.roles": "broker,controller",
-        "node.id": NODE_ID,
-        "controller.quorum.voters": f"{NODE_ID}@{HOST}:{c}",
+        "node.id": node.id,
+        "controller.quorum.voters": ",".join(
+            f"{voter.id}@{HOST}:{voter.controller_port}" for voter in layout.nodes
+        ),
         "controller.listener.names": "CONTROLLER",
         "listeners": f"PLAINTEXT://{HOST}:{p},SASL_SSL://{HOST}:{s},CONTROLLER://{HOST}:{c}",
         "advertised.listeners": f"PLAINTEXT://{HOST}:{p},SASL_SSL://{HOST}:{s}",
@@ -77,19 +85,19 @@ def server_properties(layout: Layout) -> str:
         "listener.name.sasl_ssl.ssl.keystore.type": "PEM",
         "listener.name.sasl_ssl.ssl.keystore.location": layout.server_pem,
         "listener.name.sasl_ssl.ssl.client.auth": "none",
-        # One node, fast tests.
-        "log.dirs": layout.data,
+        # Small internal topics, fast tests.
+        "log.dirs": node.data,
         "num.partitions": 1,
-        "default.replication.factor": 1,
-        "min.insync.replicas": 1,
+        "default.replication.factor": replicas,
+        "min.insync.replicas": min_isr,
         "auto.create.topics.enable": "true",
-        "offsets.topic.replication.factor": 1,
+        "offsets.topic.replication.factor": replicas,
         "offsets.topic.num.partitions": 1,
-        "transaction.state.log.replication.factor": 1,
-        "transaction.state.log.min.isr": 1,
+        "transaction.state.log.replication.factor": replicas,
+        "transaction.state.log.min.isr": min_isr,
         "transaction.state.log.num.partitions": 1,
-        "share.coordinator.state.topic.replication.factor": 1,
-        "share.coordinator.state.topic.min.isr": 1,
+        "share.coordinator.state.topic.replication.factor": replicas,
+        "share.coordinator.state.topic.min.isr": min_isr,
         "group.initial.rebalance.delay.ms": 0,
         "num.network.threads": 2,
         "num.io.threads": 4,
@@ -99,15 +107,15 @@ def server_properties(layout: Layout) -> str:
     return "\n".join(lines) + "\n"
 
 
-def log4j2_properties(layout: Layout) -> str:
+def log4j2_properties(node: Node) -> str:
     return f"""\
 # Written by kafka/broker.py on every `up`; edits here are lost.
 status = warn
 name = local-kafka
 appender.file.type = RollingFile
 appender.file.name = FILE
-appender.file.fileName = {layout.server_log}
-appender.file.filePattern = {layout.logs}/server.log.%i
+appender.file.fileName = {node.server_log}
+appender.file.filePattern = {node.logs}/server.log.%i
 appender.file.layout.type = PatternLayout
 appender.file.layout.pattern = [%d] %p %m (%c)%n
 appender.file.policies.type = Policies
@@ -125,20 +133,25 @@ logger.stateChange.level = WARN
 
 
 def write_config(layout: Layout) -> None:
-    layout.config.mkdir(parents=True, exist_ok=True)
-    layout.logs.mkdir(parents=True, exist_ok=True)
-    layout.server_properties.write_text(server_properties(layout))
-    layout.log4j2_properties.write_text(log4j2_properties(layout))
+    if layout.cluster:
+        layout.topology_file.write_text(f"{len(layout.nodes)}\n")
+    else:
+        layout.topology_file.unlink(missing_ok=True)
+    for node in layout.nodes:
+        node.config.mkdir(parents=True, exist_ok=True)
+        node.logs.mkdir(parents=True, exist_ok=True)
+        node.server_properties.write_text(server_properties(layout, node))
+        node.log4j2_properties.write_text(log4j2_properties(node))
 
 
-def jvm_options(layout: Layout) -> list[str]:
+def jvm_options(layout: Layout, node: Node) -> list[str]:
     return [
         *shlex.split(layout.heap_opts),
         *shlex.split(layout.jvm_opts),
         "-XX:+ExitOnOutOfMemoryError",
         "-Djava.awt.headless=true",
-        f"-Dlog4j2.configurationFile={layout.log4j2_properties}",
-        f"-Dkafka.logs.dir={layout.logs}",
+        f"-Dlog4j2.configurationFile={node.log4j2_properties}",
+        f"-Dkafka.logs.dir={node.logs}",
     ]
 
 
@@ -150,23 +163,41 @@ def random_cluster_id() -> str:
             return text
 
 
+def cluster_id_of(layout: Layout) -> str | None:
+    """The cluster id a node's storage was formatted with (the first formatted node's)."""
+    for node in layout.nodes:
+        with contextlib.suppress(FileNotFoundError):
+            for line in (node.data / "meta.properties").read_text().splitlines():
+                key, _, value = line.partition("=")
+                if key.strip() == "cluster.id":
+                    return value.strip()
+    return None
+
+
 def format_storage(layout: Layout, password: str) -> None:
-    """Format data/ once, with the SCRAM credential of USERNAME in the metadata log."""
-    if (layout.data / "meta.properties").exists():
+    """Format each node's data/ once, all with one cluster id and the SCRAM credential of
+    USERNAME in the metadata log."""
+    cluster_id = cluster_id_of(layout) or random_cluster_id()
+    for node in layout.nodes:
+        _format_node(layout, node, password, cluster_id)
+
+
+def _format_node(layout: Layout, node: Node, password: str, cluster_id: str) -> None:
+    if (node.data / "meta.properties").exists():
         return
-    log(f"formatting {layout.data} (user {USERNAME!r}, {SCRAM_MECHANISM})")
-    shutil.rmtree(layout.data, ignore_errors=True)
+    log(f"formatting {node.data} (user {USERNAME!r}, {SCRAM_MECHANISM})")
+    shutil.rmtree(node.data, ignore_errors=True)
     command = [
         java_command(),
-        *jvm_options(layout),
+        *jvm_options(layout, node),
         "-cp",
         classpath(layout),
         STORAGE_TOOL_CLASS,
         "format",
         "--config",
-        str(layout.server_properties),
+        str(node.server_properties),
         "--cluster-id",
-        random_cluster_id(),
+        cluster_id,
         "--add-scram",
         f"{SCRAM_MECHANISM}=[name={USERNAME},password={password}]",
     ]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import jvm_options
 from .jars import classpath, java_command
-from .layout import HOST, MAIN_CLASS, STOP_TIMEOUT, BrokerError, Layout, log
+from .layout import HOST, MAIN_CLASS, STOP_TIMEOUT, BrokerError, Layout, Node, log
 from .protocol import ProtocolError, probe_local
 
 # A broker is known by its pid AND its start time (field 22 of /proc/<pid>/stat), both fixed
@@ -52,31 +52,31 @@ def alive(pid: int, started: int | None) -> bool:
     return now is not None and (started is None or now == started)
 
 
-def read_pid(layout: Layout) -> tuple[int, int | None] | None:
+def read_pid(node: Node) -> tuple[int, int | None] | None:
     """(pid, start time) from the pid file (start time None in an old one-field file)."""
     try:
-        fields = layout.pid_file.read_text().split()
+        fields = node.pid_file.read_text().split()
         return int(fields[0]), (int(fields[1]) if len(fields) > 1 else None)
     except (FileNotFoundError, ValueError, IndexError):
         return None
 
 
-def write_pid(layout: Layout, pid: int) -> None:
-    layout.pid_file.write_text(f"{pid} {start_time(pid) or 0}\n")
+def write_pid(node: Node, pid: int) -> None:
+    node.pid_file.write_text(f"{pid} {start_time(pid) or 0}\n")
 
 
-def running_pid(layout: Layout) -> int | None:
+def running_pid(node: Node) -> int | None:
     """The broker of the pid file, while that very process runs."""
-    recorded = read_pid(layout)
+    recorded = read_pid(node)
     if recorded is not None and alive(*recorded):
         return recorded[0]
     return None
 
 
-def brokers_of(layout: Layout) -> list[int]:
-    """JVMs running kafka.Kafka with this folder's config, found by their command line (a
+def brokers_of(node: Node) -> list[int]:
+    """JVMs running kafka.Kafka with this node's config, found by their command line (a
     broker whose pid file is gone: killed `down`, deleted folder, older broker.py)."""
-    wanted = {MAIN_CLASS.encode(), str(layout.server_properties).encode()}
+    wanted = {MAIN_CLASS.encode(), str(node.server_properties).encode()}
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
@@ -88,18 +88,14 @@ def brokers_of(layout: Layout) -> list[int]:
     return found
 
 
-def ports(layout: Layout) -> tuple[int, int, int]:
-    return layout.plaintext_port, layout.sasl_ssl_port, layout.controller_port
-
-
 def port_taken(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)
         return sock.connect_ex((HOST, port)) == 0
 
 
-def start(layout: Layout) -> subprocess.Popen[bytes]:
-    taken = [port for port in ports(layout) if port_taken(port)]
+def start(layout: Layout, node: Node) -> subprocess.Popen[bytes]:
+    taken = [port for port in node.ports if port_taken(port)]
     if taken:
         raise BrokerError(
             f"port(s) {', '.join(map(str, taken))} on {HOST} are in use by another process "
@@ -109,13 +105,13 @@ def start(layout: Layout) -> subprocess.Popen[bytes]:
         )
     command = [
         os.environ.get("LOADER_KAFKA_JAVA") or java_command(),
-        *jvm_options(layout),
+        *jvm_options(layout, node),
         "-cp",
         classpath(layout),
         MAIN_CLASS,
-        str(layout.server_properties),
+        str(node.server_properties),
     ]
-    with layout.stdout_log.open("ab") as out:
+    with node.stdout_log.open("ab") as out:
         out.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} starting\n".encode())
         out.flush()
         process = subprocess.Popen(
@@ -123,11 +119,11 @@ def start(layout: Layout) -> subprocess.Popen[bytes]:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            cwd=layout.home,
+            cwd=node.home,
             start_new_session=True,  # outlives this script and its terminal or CI step
             close_fds=True,
         )
-    write_pid(layout, process.pid)
+    write_pid(node, process.pid)
     return process
 
 
@@ -142,26 +138,28 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:]) + "\n"
 
 
-def wait_ready(layout: Layout, password: str, timeout: float, is_running: Callable[[], bool],
-               pid: int) -> None:  # fmt: skip
-    """Probe both listeners until they answer; `is_running` says whether the JVM lives."""
-    deadline = time.monotonic() + timeout
+def wait_ready(layout: Layout, node: Node, password: str, deadline: float, *,
+               is_running: Callable[[], bool], pid: int) -> None:  # fmt: skip
+    """Probe the node's listeners until both answer and list every node of the layout as a
+    broker; `is_running` says whether the JVM lives. `deadline`: time.monotonic()'s."""
     last_error = "not asked yet"
     while time.monotonic() < deadline:
         if not is_running():
-            sys.stderr.write(f"--- {layout.stdout_log}\n{tail(layout.stdout_log)}")
-            sys.stderr.write(f"--- {layout.server_log}\n{tail(layout.server_log)}")
-            raise BrokerError(f"the broker (pid {pid}) exited while starting; see the logs above")
+            sys.stderr.write(f"--- {node.stdout_log}\n{tail(node.stdout_log)}")
+            sys.stderr.write(f"--- {node.server_log}\n{tail(node.server_log)}")
+            raise BrokerError(
+                f"{node.broker} (pid {pid}) exited while starting; see the logs above"
+            )
         try:
-            probe_local(layout, password)
+            probe_local(layout, node, password)
         except (OSError, ProtocolError) as error:
             last_error = f"{type(error).__name__}: {error}"
             time.sleep(0.2)
             continue
         return
     raise BrokerError(
-        f"the broker (pid {pid}) is not ready after {timeout:.0f}s ({last_error}); "
-        f"see {layout.server_log}"
+        f"{node.broker} (pid {pid}) is not ready after {layout.start_timeout:.0f}s "
+        f"({last_error}); see {node.server_log}"
     )
 
 
@@ -172,11 +170,13 @@ def _signal_group(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
-def terminate(pid: int, started: int | None, wait: Callable[[float], bool]) -> None:
-    """SIGTERM the group led by `pid`, SIGKILL it if it outlives STOP_TIMEOUT; `wait(t)` says
-    whether the process is gone within t seconds."""
-    log(f"stopping the broker (pid {pid})")
-    _signal_group(pid, signal.SIGTERM)
+def terminate(pid: int, started: int | None, wait: Callable[[float], bool], *,
+              signalled: bool = False) -> None:  # fmt: skip
+    """SIGTERM the group led by `pid` (unless `signalled` already), SIGKILL it if it outlives
+    STOP_TIMEOUT; `wait(t)` says whether the process is gone within t seconds."""
+    if not signalled:
+        log(f"stopping the broker (pid {pid})")
+        _signal_group(pid, signal.SIGTERM)
     if not wait(STOP_TIMEOUT):
         log(f"still running after {STOP_TIMEOUT:.0f}s; killing process group {pid}")
         _signal_group(pid, signal.SIGKILL)
@@ -209,27 +209,33 @@ def _reaped_within(process: subprocess.Popen[bytes]) -> Callable[[float], bool]:
     return wait
 
 
-def wait_ports_free(layout: Layout, timeout: float = STOP_TIMEOUT) -> None:
+def wait_ports_free(node: Node, timeout: float = STOP_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
-    while taken := [port for port in ports(layout) if port_taken(port)]:
+    while taken := [port for port in node.ports if port_taken(port)]:
         if time.monotonic() > deadline:
-            raise BrokerError(f"port(s) {taken} still in use after the broker stopped")
+            raise BrokerError(f"port(s) {taken} of {node.name} still in use after it stopped")
         time.sleep(0.1)
 
 
-def stop(layout: Layout) -> bool:
-    """Stop the broker of the pid file and any orphan of this folder; True if one ran.
-    The pid file goes only once they are gone and their ports are free."""
-    stopped = False
-    recorded = read_pid(layout)
-    if recorded is not None and alive(*recorded):
-        terminate(*recorded, _gone_within(*recorded))
-        stopped = True
-    for pid in brokers_of(layout):
-        started = start_time(pid)
-        terminate(pid, started, _gone_within(pid, started))
-        stopped = True
-    if stopped:
-        wait_ports_free(layout)
-    layout.pid_file.unlink(missing_ok=True)
-    return stopped
+def stop(nodes: list[Node]) -> bool:
+    """Stop the brokers of the nodes' pid files and any orphan of their folders; True if one
+    ran. All are signalled before any is waited for: a cluster's node stopping alone would wait
+    for a controller quorum that the others, stopping one by one, no longer make. A node's pid
+    file goes only once its processes are gone and its ports are free."""
+    targets: list[tuple[Node, int, int | None]] = []
+    for node in nodes:
+        recorded = read_pid(node)
+        if recorded is not None and alive(*recorded):
+            targets.append((node, *recorded))
+        targets += [(node, pid, start_time(pid)) for pid in brokers_of(node)
+                    if recorded is None or pid != recorded[0]]  # fmt: skip
+    for node, pid, _started in targets:
+        log(f"stopping {node.broker} (pid {pid})")
+        _signal_group(pid, signal.SIGTERM)
+    for _node, pid, started in targets:
+        terminate(pid, started, _gone_within(pid, started), signalled=True)
+    for node in {node.id: node for node, _pid, _started in targets}.values():
+        wait_ports_free(node)
+    for node in nodes:
+        node.pid_file.unlink(missing_ok=True)
+    return bool(targets)

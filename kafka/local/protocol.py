@@ -10,7 +10,7 @@ import socket
 import ssl
 import struct
 
-from .layout import HOST, SCRAM_MECHANISM, USERNAME, Layout
+from .layout import HOST, SCRAM_MECHANISM, USERNAME, Layout, Node
 
 # Just enough of it to ask each listener for metadata: ApiVersions v0, Metadata v4,
 # SaslHandshake v1 and SaslAuthenticate v1 (request header v1, response header v0),
@@ -188,6 +188,11 @@ def probe_sasl_ssl(host: str, port: int, cafile: str, username: str, password: s
         return connection.metadata()
 
 
-def probe_local(layout: Layout, password: str) -> None:
-    probe_plaintext(HOST, layout.plaintext_port)
-    probe_sasl_ssl(HOST, layout.sasl_ssl_port, str(layout.ca_pem), USERNAME, password)
+def probe_local(layout: Layout, node: Node, password: str) -> None:
+    """Both listeners of `node` answer, and its metadata lists every node as a live broker."""
+    for _cluster_id, brokers in (
+        probe_plaintext(HOST, node.plaintext_port),
+        probe_sasl_ssl(HOST, node.sasl_ssl_port, str(layout.ca_pem), USERNAME, password),
+    ):
+        if len(brokers) < len(layout.nodes):
+            raise ProtocolError(f"metadata lists {len(brokers)} of {len(layout.nodes)} brokers")
