@@ -367,6 +367,15 @@ class KafkaCluster:
                 )
         raise RuntimeError(f"{topic}-{partition} is not in the cluster's metadata")
 
+    def elect_preferred_leaders(self, topic: str) -> None:
+        """Move the leadership of each partition of `topic` back to its preferred replica (the
+        first), as the controller's periodic rebalance does (leader.imbalance.check...)."""
+        admin = KafkaAdminClient(**self.broker.client_config("plaintext"))
+        try:
+            admin.elect_leaders(0, [topic])  # 0: ElectionType.PREFERRED
+        finally:
+            admin.close()
+
     def wait_full_isr(self, topic: str, partition: int = 0, timeout: float | None = None) -> None:
         """Poll the metadata until every node is in the partition's ISR again."""
         deadline = time.monotonic() + (scaled(60.0) if timeout is None else timeout)

@@ -3,8 +3,16 @@ min.insync.replicas=2) and the emulator over wss, with the service through its p
 point: a partition leader killed, a rolling restart, two of three nodes down for longer than
 the producer's request timeout. Each run's closed candles in Kafka equal the emulator's (none
 lost, none doubled, in order per stream), its telemetry is `started`, `loading` at its interval,
-one terminal event, and once the cluster is whole again every candle reaches Kafka within
-FRESH seconds of its close (the data topic stamps each record with its append time).
+one terminal event, and once the cluster is whole again no candle waits FRESH seconds more
+(from its close, or from the moment the cluster was whole for one that closed before; the data
+topic stamps each record with its append time).
+
+Measured (20 streams of 1s candles, 3 partitions): the longest close-to-append is the outage
+(9-14 s after a leader kill: the controller fences the dead broker after its 9 s session
+timeout; about 47 s with two nodes down for 32 s); once whole, 0.3-0.6 s. Before
+loader.kafka's reconnect backoff cap, kafka-python waited up to 30 s before reconnecting to a
+node that had been down, and writes to the partitions it led again waited as long (6.3 s
+seen in the two-down test, a delivery timeout expired with 40 s).
 
 The tests share one cluster (a module fixture): each leaves it whole.
 """
@@ -42,11 +50,16 @@ from loader.testing import Emulator, EmulatorConfig, open_emulator
 
 pytestmark = pytest.mark.anyio
 
+# 20 streams of 1s candles on a topic of 3 partitions, as in production.
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT",
-           "ADAUSDT", "DOGEUSDT", "TRXUSDT", "LTCUSDT", "DOTUSDT")  # fmt: skip
+           "ADAUSDT", "DOGEUSDT", "TRXUSDT", "LTCUSDT", "DOTUSDT",
+           "AVAXUSDT", "LINKUSDT", "POLUSDT", "SHIBUSDT", "UNIUSDT",
+           "ATOMUSDT", "ETCUSDT", "XLMUSDT", "NEARUSDT", "APTUSDT")  # fmt: skip
+PARTITIONS = 3
 INTERVAL = "1s"
-# Seconds from a candle's close to its append once the cluster is whole again.
-FRESH = 15.0
+# Seconds from a candle's close to its append once the cluster is whole again (the issue
+# asks for 15; a whole cluster does it in well under one).
+FRESH = 5.0
 TELEMETRY_INTERVAL = 2.0
 # How late a `loading` event may be made, beyond its interval, whatever Kafka does.
 TELEMETRY_SLACK = 1.0
@@ -83,19 +96,30 @@ async def wss_emulator(ca: trustme.CA) -> AsyncIterator[Emulator]:
 
 
 def data_topic(cluster: KafkaCluster, prefix: str) -> str:
-    """One partition, three replicas, each record stamped with the time the leader appended
-    it (LogAppendTime)."""
+    """PARTITIONS partitions of three replicas, each record stamped with the time its leader
+    appended it (LogAppendTime)."""
     name = f"{prefix}-{time.monotonic_ns()}"
     admin = KafkaAdminClient(**cluster.broker.client_config("plaintext"))
     try:
         admin.create_topics(
-            {name: {"num_partitions": 1, "configs": {"message.timestamp.type": "LogAppendTime"}}},
+            {
+                name: {
+                    "num_partitions": PARTITIONS,
+                    "configs": {"message.timestamp.type": "LogAppendTime"},
+                }
+            },
             wait_for_metadata=True,
         )
     finally:
         admin.close()
-    cluster.wait_full_isr(name)
+    whole(cluster, name)
     return name
+
+
+def whole(cluster: KafkaCluster, topic: str) -> None:
+    """Until every partition of `topic` has all three replicas in sync."""
+    for partition in range(PARTITIONS):
+        cluster.wait_full_isr(topic, partition)
 
 
 @dataclass
@@ -104,8 +128,8 @@ class Run:
     settings: Any
     whole_at: float
     """Wall time (time.time()) at which the fault was over: every node up, the ISR full."""
-    delays: list[tuple[float, float]]
-    """(close time, seconds from close to append) of every candle, in append order."""
+    times: list[tuple[float, float]]
+    """(close, append) wall-clock times of every candle, by partition and offset."""
 
 
 Fault = Callable[[KafkaCluster, str, Worker], Awaitable[None]]
@@ -124,7 +148,7 @@ async def through(
     delivery_timeout: float = 60.0,
 ) -> Run:
     """Stream until 5 s of candles are in Kafka, inject `fault` (which returns once the cluster
-    is whole again), stream 10 s more, stop; check the candles and the telemetry."""
+    is whole again), stream 5 s more, stop; check the candles and the telemetry."""
     topic = await in_thread(data_topic, cluster, name)
     async with wss_emulator(ca) as emulator:
         settings = worker_settings(
@@ -139,7 +163,7 @@ async def through(
             whole_at = time.time()
             await in_thread(cluster.wait_full_isr, settings.queue_events_topic)
             with trio.fail_after(scaled(60)):
-                await worker.wait_written(worker.records_written + 10 * len(SYMBOLS))
+                await worker.wait_written(worker.records_written + 5 * len(SYMBOLS))
             worker.stop()
             outcome = await worker.finished()
         records = await read_topic(cluster.broker, topic, expected=outcome.records_written)
@@ -151,19 +175,22 @@ async def through(
     assert terminal(events, outcome.exit_code) == row("stop command")
     loading = [event["timestamp"] for event in events if event["status"] == "loading"]
     gaps = [later - earlier for earlier, later in itertools.pairwise(loading)]
-    delays = [
-        (candle["close_time"] / 1000, (record.timestamp - candle["close_time"]) / 1000)
+    # (close, append) of every candle, wall-clock seconds.
+    times = [
+        (candle["close_time"] / 1000, record.timestamp / 1000)
         for record, candle in zip(records, published, strict=True)
     ]
-    after = [delay for closed, delay in delays if closed >= whole_at]
+    # Once the cluster is whole, how long each candle still waited: from its close, or from
+    # the moment the cluster was whole for one that closed before.
+    waits = [appended - max(closed, whole_at) for closed, appended in times]
     print(
         f"\n{name}: {len(published)} candles, exact; close-to-append max "
-        f"{max(delay for _, delay in delays):.1f} s overall, {max(after):.1f} s once whole "
-        f"({len(after)} candles); loading gaps max {max(gaps):.1f} s"
+        f"{max(appended - closed for closed, appended in times):.1f} s; once whole, the "
+        f"longest wait {max(waits):.1f} s; loading gaps max {max(gaps):.1f} s"
     )
-    assert max(after) < FRESH, sorted(after)[-5:]
+    assert max(waits) < FRESH, sorted(waits)[-5:]
     assert max(gaps) < TELEMETRY_INTERVAL + TELEMETRY_SLACK, gaps
-    return Run(worker, settings, whole_at, delays)
+    return Run(worker, settings, whole_at, times)
 
 
 async def test_killed_leader_of_the_data_partition(
@@ -176,6 +203,46 @@ async def test_killed_leader_of_the_data_partition(
         with trio.fail_after(scaled(60)):
             await worker.wait_written(worker.records_written + 3 * len(SYMBOLS))
         await in_thread(cluster.start)
-        await in_thread(cluster.wait_full_isr, topic)
+        await in_thread(whole, cluster, topic)
+        # Leadership goes back to the restarted node, as the controller's periodic rebalance
+        # does (every 5 minutes by default, so in some runs, not others).
+        await in_thread(cluster.elect_preferred_leaders, topic)
+        assert (await in_thread(cluster.partition, topic)).leader == leader
 
     await through(cluster, binance_ca, "failover-kill-leader", kill_leader)
+
+
+async def test_rolling_restart(cluster: KafkaCluster, binance_ca: trustme.CA) -> None:
+    """As Strimzi restarts a cluster: each node in turn stopped (SIGTERM) and started again,
+    the next once the data partition's ISR is full again."""
+
+    async def roll(cluster: KafkaCluster, topic: str, worker: Worker) -> None:
+        for node in cluster.nodes:
+            await in_thread(cluster.stop, node)
+            await in_thread(cluster.start)
+            await in_thread(whole, cluster, topic)
+
+    await through(cluster, binance_ca, "failover-rolling", roll)
+
+
+async def test_two_of_three_down_past_the_request_timeout(
+    cluster: KafkaCluster, binance_ca: trustme.CA
+) -> None:
+    """Below min.insync.replicas for longer than a produce request may wait, shorter than
+    the delivery timeout: nothing is written meanwhile, nothing is lost, and writes resume
+    once the nodes are back."""
+    delivery_timeout = scaled(60.0)
+    request_timeout = min(30.0, delivery_timeout / 2)  # loader.kafka.open_producer's
+
+    async def two_down(cluster: KafkaCluster, topic: str, worker: Worker) -> None:
+        leader = (await in_thread(cluster.partition, topic)).leader
+        other = next(node for node in cluster.nodes if node != leader)
+        await in_thread(cluster.kill, leader)
+        await in_thread(cluster.kill, other)
+        # The outage itself: longer than a produce request's timeout.
+        await trio.sleep(request_timeout + 2.0)
+        await in_thread(cluster.start)
+        await in_thread(whole, cluster, topic)
+
+    await through(cluster, binance_ca, "failover-two-down", two_down,
+                  delivery_timeout=delivery_timeout)  # fmt: skip
