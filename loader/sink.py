@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
-from kafka import KafkaProducer
+from kafka import KafkaProducer, TopicPartition
 from kafka.partitioner.default import murmur2
 
 from loader.kafka import KafkaFailure, describe
@@ -55,6 +55,10 @@ MAX_HOLD = 0.015
 ACK_HOLD = 0.005
 # The longest an acknowledgement nobody waits for goes uncounted.
 ACK_TICK = 0.050
+# A batch Kafka has not acknowledged after this long is logged (a warning naming the
+# partitions it waits on and their leaders) and counted; looked at every SLOW_CHECK.
+SLOW_WRITE = 5.0
+SLOW_CHECK = 1.0
 
 
 class DeliveryFailed(KafkaFailure):
@@ -66,8 +70,8 @@ class Pending:
     `on_settled` is called (in kafka-python's I/O thread, or the sending thread)."""
 
     __slots__ = (
-        "_lock", "_on_settled", "_remaining", "acked_at", "count", "due", "error", "sent_at",
-        "settled",
+        "_lock", "_on_settled", "_remaining", "acked_at", "batch", "count", "due", "error",
+        "sent_at", "settled",
     )  # fmt: skip
 
     def __init__(
@@ -80,6 +84,7 @@ class Pending:
         self.due = due  # trio time by which Trio counts it, woken or not
         self.error: BaseException | None = None
         self.settled = False
+        self.batch: Sequence[Record] = ()  # what it carries, for a slow write's warning
 
     def watch(self, futures: Sequence[Any]) -> None:
         """Settle as these futures do (each a record of the batch, in any thread)."""
@@ -146,6 +151,7 @@ class KafkaSink:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._count_late_acks)
+                nursery.start_soon(self._watch_slow_writes)
                 task_status.started()
                 async for first in records:
                     batch = [first, *_drain(records, MAX_BATCH - 1)]
@@ -190,6 +196,7 @@ class KafkaSink:
 
     def _hand_off(self, batch: list[Record]) -> None:
         pending = Pending(len(batch), self._on_settled, trio.current_time() + ACK_TICK)
+        pending.batch = batch
         self._unacked.append(pending)
         self._queue.put((batch, pending))
         self._retick()
@@ -229,6 +236,45 @@ class KafkaSink:
             if self._acked.is_set():
                 self._acked = trio.Event()
             self._collect()
+
+    async def _watch_slow_writes(self) -> None:
+        """Every SLOW_CHECK: the wait of the oldest unacknowledged batch, kept for the metric;
+        once it passes SLOW_WRITE, one warning (and one count) for that batch, and a line when
+        Kafka acknowledges again. Nothing else says that Kafka holds the candles back: its
+        client retries quietly until the delivery timeout."""
+        slow: Pending | None = None
+        while True:
+            await trio.sleep(SLOW_CHECK)
+            head = self._unacked[0] if self._unacked else None
+            now = time.monotonic()
+            waited = now - head.sent_at if head is not None and not head.settled else 0.0
+            self.stats.kafka_wait = waited
+            if slow is not None and slow.settled:
+                log.info("Kafka acknowledged the slow write after %.1f s",
+                         slow.acked_at - slow.sent_at)  # fmt: skip
+                slow = None
+            if head is not None and waited >= SLOW_WRITE and slow is None:
+                slow = head
+                self.stats.slow_writes += 1
+                log.warning("Kafka has not acknowledged %d candles for %.0f s; waiting on %s",
+                            head.count, waited, self._waiting_on(head))  # fmt: skip
+
+    def _waiting_on(self, pending: Pending) -> str:
+        """The partitions of a batch and their leaders, as the producer's metadata has them."""
+        metadata = self.producer._metadata  # kafka-python's ClusterMetadata: no public view
+        partitions = sorted({p for key, _ in pending.batch if (p := self._partitions.get(key))
+                             is not None})  # fmt: skip
+        described = []
+        for partition in partitions:
+            leader = metadata.leader_for_partition(TopicPartition(self.topic, partition))
+            broker = metadata.broker_metadata(leader) if leader not in (None, -1) else None
+            where = (
+                f"leader broker {leader} at {broker.host}:{broker.port}"
+                if broker is not None
+                else "no leader known"
+            )
+            described.append(f"{self.topic}-{partition} ({where})")
+        return ", ".join(described) or f"{self.topic} (partitions not known yet)"
 
     def _retick(self) -> None:
         """A first batch in flight arms the timer; later ones leave it (an early look at the

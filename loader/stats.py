@@ -39,6 +39,10 @@ class Stats:
     # buffer overflowed); held candles shed during a long fill. Their gaps are filled.
     pending_dropped: int = 0
     held_evicted: int = 0
+    # Batches Kafka took longer than sink.SLOW_WRITE to acknowledge (each logged), and how
+    # long the oldest unacknowledged batch has waited (0: none waits), looked at every second.
+    slow_writes: int = 0
+    kafka_wait: float = 0.0
     fills_started: int = 0
     history_connections: int = 0
     history_errors: collections.Counter[str] = dataclasses.field(
@@ -83,6 +87,8 @@ class Stats:
             symbols_dropped=self.symbols_dropped,
             pending_dropped=self.pending_dropped,
             held_evicted=self.held_evicted,
+            slow_writes=self.slow_writes,
+            kafka_wait=self.kafka_wait,
             fills_started=self.fills_started,
             history_connections=self.history_connections,
             history_errors=dict(self.history_errors),
@@ -111,6 +117,8 @@ class StatsSnapshot:
     symbols_dropped: int
     pending_dropped: int
     held_evicted: int
+    slow_writes: int
+    kafka_wait: float
     fills_started: int
     history_connections: int
     history_errors: dict[str, int]

@@ -20,6 +20,8 @@ The tests share one cluster (a module fixture): each leaves it whole.
 from __future__ import annotations
 
 import itertools
+import logging
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -46,6 +48,7 @@ from worker_tools import (
 )
 
 from loader import Worker
+from loader.sink import SLOW_WRITE
 from loader.testing import Emulator, EmulatorConfig, open_emulator
 
 pytestmark = pytest.mark.anyio
@@ -193,8 +196,24 @@ async def through(
     return Run(worker, settings, whole_at, times)
 
 
+def assert_slow_writes_told(run: Run, caplog: pytest.LogCaptureFixture) -> None:
+    """A write held back past sink.SLOW_WRITE was logged, naming a partition of the data topic
+    and its leader (or that none is known), and counted; none waits at the end."""
+    slow = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "loader.sink" and record.levelno == logging.WARNING
+    ]
+    print("\n".join(slow))
+    assert slow
+    assert all(re.search(rf"waiting on {re.escape(run.settings.kafka_topic)}-\d ", m) for m in slow)
+    assert all("leader broker" in m or "no leader known" in m for m in slow)
+    assert run.worker.stats.slow_writes == len(slow)
+    assert run.worker.stats.kafka_wait < SLOW_WRITE
+
+
 async def test_killed_leader_of_the_data_partition(
-    cluster: KafkaCluster, binance_ca: trustme.CA
+    cluster: KafkaCluster, binance_ca: trustme.CA, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def kill_leader(cluster: KafkaCluster, topic: str, worker: Worker) -> None:
         leader = (await in_thread(cluster.partition, topic)).leader
@@ -209,7 +228,8 @@ async def test_killed_leader_of_the_data_partition(
         await in_thread(cluster.elect_preferred_leaders, topic)
         assert (await in_thread(cluster.partition, topic)).leader == leader
 
-    await through(cluster, binance_ca, "failover-kill-leader", kill_leader)
+    run = await through(cluster, binance_ca, "failover-kill-leader", kill_leader)
+    assert_slow_writes_told(run, caplog)
 
 
 async def test_rolling_restart(cluster: KafkaCluster, binance_ca: trustme.CA) -> None:
@@ -226,7 +246,7 @@ async def test_rolling_restart(cluster: KafkaCluster, binance_ca: trustme.CA) ->
 
 
 async def test_two_of_three_down_past_the_request_timeout(
-    cluster: KafkaCluster, binance_ca: trustme.CA
+    cluster: KafkaCluster, binance_ca: trustme.CA, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Below min.insync.replicas for longer than a produce request may wait, shorter than
     the delivery timeout: nothing is written meanwhile, nothing is lost, and writes resume
@@ -244,5 +264,6 @@ async def test_two_of_three_down_past_the_request_timeout(
         await in_thread(cluster.start)
         await in_thread(whole, cluster, topic)
 
-    await through(cluster, binance_ca, "failover-two-down", two_down,
-                  delivery_timeout=delivery_timeout)  # fmt: skip
+    run = await through(cluster, binance_ca, "failover-two-down", two_down,
+                        delivery_timeout=delivery_timeout)  # fmt: skip
+    assert_slow_writes_told(run, caplog)
