@@ -267,3 +267,54 @@ async def test_two_of_three_down_past_the_request_timeout(
     run = await through(cluster, binance_ca, "failover-two-down", two_down,
                         delivery_timeout=delivery_timeout)  # fmt: skip
     assert_slow_writes_told(run, caplog)
+
+
+async def test_below_min_isr_past_the_delivery_timeout_ends_with_exit_1_and_the_next_pod_resumes(
+    cluster: KafkaCluster, binance_ca: trustme.CA
+) -> None:
+    """Two of three nodes down for longer than KAFKA_DELIVERY_TIMEOUT: the run ends with
+    `error`, exit 1, and its terminal event does not reach the events topic (below its
+    min.insync.replicas too); the Job's next pod, once the cluster is back, resumes from the
+    topic: together, exact. As README's telemetry table says."""
+    topic = await in_thread(data_topic, cluster, "failover-below-min-isr")
+    async with wss_emulator(binance_ca) as emulator:
+        env = {
+            "SYMBOL": ",".join(SYMBOLS), "INTERVAL": INTERVAL, "KAFKA_DELIVERY_TIMEOUT": "6",
+            "TELEMETRY_INTERVAL": str(TELEMETRY_INTERVAL),
+        }  # fmt: skip
+        settings = worker_settings(cluster.broker, emulator, topic, listener="sasl_ssl", **env)
+        async with running_worker(settings) as worker:
+            with trio.fail_after(scaled(60)):
+                await worker.wait_written(5 * len(SYMBOLS))
+            leader = (await in_thread(cluster.partition, topic)).leader
+            other = next(node for node in cluster.nodes if node != leader)
+            await in_thread(cluster.kill, leader)
+            await in_thread(cluster.kill, other)
+            with trio.fail_after(scaled(60)):
+                outcome = await worker.finished()
+        assert (outcome.status, outcome.final, outcome.exit_code) == row("Kafka below")
+        assert "Kafka did not acknowledge" in outcome.message
+        await in_thread(cluster.start)
+        await in_thread(whole, cluster, topic)
+        await in_thread(cluster.wait_full_isr, settings.queue_events_topic)
+        # The Job's next pod.
+        async with running_worker(settings) as second:
+            with trio.fail_after(scaled(60)):
+                await second.wait_written(10 * len(SYMBOLS))
+            second.stop()
+            resumed = await second.finished()
+        published = candles(await read_topic(cluster.broker, topic))
+        assert len(published) >= outcome.records_written + resumed.records_written
+        for symbol in SYMBOLS:
+            assert_matches_market(published, emulator, symbol, INTERVAL)
+    events = telemetry(await read_topic(cluster.broker, settings.queue_events_topic))
+    starts = [n for n, event in enumerate(events) if event["status"] == "started"]
+    assert len(starts) == 2
+    first, then = events[: starts[1]], events[starts[1] :]
+    # No terminal event from the first pod: the queue manager sees its `loading` stop.
+    assert {event["status"] for event in first[1:]} <= {"loading"}
+    assert terminal(then, resumed.exit_code) == row("stop command")
+    print(
+        f"\nfirst pod {outcome.records_written} candles, then exit 1; next pod "
+        f"{resumed.records_written} (backfilled {second.stats.candles_backfilled})"
+    )
