@@ -367,6 +367,21 @@ class KafkaCluster:
                 )
         raise RuntimeError(f"{topic}-{partition} is not in the cluster's metadata")
 
+    def active_controller(self) -> int:
+        """The KRaft quorum's leader, as Kafka's own metadata-quorum tool reports it (the
+        Metadata API names a random broker as "controller" under KRaft)."""
+        for node in self.nodes:
+            if self.pid_or_none(node) is None:
+                continue
+            result = run_broker_script(
+                "tool", "metadata-quorum", "--bootstrap-server", self.plaintext(node),
+                "describe", "--status", env=self.broker.env, check=False,
+            )  # fmt: skip
+            found = re.search(r"^LeaderId:\s+(\d+)$", result.stdout, re.MULTILINE)
+            if found is not None:
+                return int(found.group(1))
+        raise RuntimeError(f"no node of the cluster at {self.broker.plaintext} names a leader")
+
     def elect_preferred_leaders(self, topic: str) -> None:
         """Move the leadership of each partition of `topic` back to its preferred replica (the
         first), as the controller's periodic rebalance does (leader.imbalance.check...)."""

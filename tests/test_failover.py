@@ -1,11 +1,12 @@
 """Kafka failover, against a three-node cluster of the project's own (replication factor 3,
 min.insync.replicas=2) and the emulator over wss, with the service through its public entry
-point: a partition leader killed, a rolling restart, two of three nodes down for longer than
-the producer's request timeout. Each run's closed candles in Kafka equal the emulator's (none
-lost, none doubled, in order per stream), its telemetry is `started`, `loading` at its interval,
-one terminal event, and once the cluster is whole again no candle waits FRESH seconds more
-(from its close, or from the moment the cluster was whole for one that closed before; the data
-topic stamps each record with its append time).
+point: a partition leader killed, the active controller killed, a rolling restart, two of
+three nodes down for longer than the producer's request timeout, and for longer than its
+delivery timeout (the run ends, the next resumes). Each run's closed candles in Kafka equal
+the emulator's (none lost, none doubled, in order per stream), its telemetry is `started`,
+`loading` at its interval, one terminal event, and once the cluster is whole again no candle
+waits FRESH seconds more (from its close, or from the moment the cluster was whole for one that
+closed before; the data topic stamps each record with its append time).
 
 Measured (20 streams of 1s candles, 3 partitions): the longest close-to-append is the outage
 (9-14 s after a leader kill: the controller fences the dead broker after its 9 s session
@@ -230,6 +231,22 @@ async def test_killed_leader_of_the_data_partition(
 
     run = await through(cluster, binance_ca, "failover-kill-leader", kill_leader)
     assert_slow_writes_told(run, caplog)
+
+
+async def test_killed_active_controller(cluster: KafkaCluster, binance_ca: trustme.CA) -> None:
+    """The quorum's leader killed (kill -9): the two other controllers elect one of them, and
+    writes go on."""
+
+    async def kill_controller(cluster: KafkaCluster, topic: str, worker: Worker) -> None:
+        controller = await in_thread(cluster.active_controller)
+        await in_thread(cluster.kill, controller)
+        with trio.fail_after(scaled(60)):
+            await worker.wait_written(worker.records_written + 3 * len(SYMBOLS))
+        assert await in_thread(cluster.active_controller) != controller
+        await in_thread(cluster.start)
+        await in_thread(whole, cluster, topic)
+
+    await through(cluster, binance_ca, "failover-kill-controller", kill_controller)
 
 
 async def test_rolling_restart(cluster: KafkaCluster, binance_ca: trustme.CA) -> None:
