@@ -260,21 +260,26 @@ class KafkaSink:
                             head.count, waited, self._waiting_on(head))  # fmt: skip
 
     def _waiting_on(self, pending: Pending) -> str:
-        """The partitions of a batch and their leaders, as the producer's metadata has them."""
-        metadata = self.producer._metadata  # kafka-python's ClusterMetadata: no public view
+        """The partitions of a batch and their leaders, as the producer's metadata has them.
+        Never raises: a warning must not end the run."""
         partitions = sorted({p for key, _ in pending.batch if (p := self._partitions.get(key))
                              is not None})  # fmt: skip
         described = []
         for partition in partitions:
-            leader = metadata.leader_for_partition(TopicPartition(self.topic, partition))
-            broker = metadata.broker_metadata(leader) if leader not in (None, -1) else None
-            where = (
-                f"leader broker {leader} at {broker.host}:{broker.port}"
-                if broker is not None
-                else "no leader known"
-            )
+            try:
+                where = self._leader_of(partition)
+            except Exception as exc:  # kafka-python's internals moved: say so, go on
+                where = f"leader not known: {describe(exc)}"
             described.append(f"{self.topic}-{partition} ({where})")
         return ", ".join(described) or f"{self.topic} (partitions not known yet)"
+
+    def _leader_of(self, partition: int) -> str:
+        metadata = self.producer._metadata  # kafka-python's ClusterMetadata: no public view
+        leader = metadata.leader_for_partition(TopicPartition(self.topic, partition))
+        broker = metadata.broker_metadata(leader) if leader not in (None, -1) else None
+        if broker is None:
+            return "no leader known"
+        return f"leader broker {leader} at {broker.host}:{broker.port}"
 
     def _retick(self) -> None:
         """A first batch in flight arms the timer; later ones leave it (an early look at the
