@@ -197,6 +197,8 @@ class KafkaSink:
     def _hand_off(self, batch: list[Record]) -> None:
         pending = Pending(len(batch), self._on_settled, trio.current_time() + ACK_TICK)
         pending.batch = batch
+        if not self._unacked:
+            self.stats.kafka_waiting_since = pending.sent_at
         self._unacked.append(pending)
         self._queue.put((batch, pending))
         self._retick()
@@ -238,17 +240,17 @@ class KafkaSink:
             self._collect()
 
     async def _watch_slow_writes(self) -> None:
-        """Every SLOW_CHECK: the wait of the oldest unacknowledged batch, kept for the metric;
-        once it passes SLOW_WRITE, one warning (and one count) for that batch, and a line when
-        Kafka acknowledges again. Nothing else says that Kafka holds the candles back: its
-        client retries quietly until the delivery timeout."""
+        """Every SLOW_CHECK: once the oldest unacknowledged batch has waited SLOW_WRITE, one
+        warning (and one count) for that batch, and a line when Kafka acknowledges again.
+        Nothing else says that Kafka holds the candles back: its client retries quietly until
+        the delivery timeout."""
         slow: Pending | None = None
         while True:
             await trio.sleep(SLOW_CHECK)
             head = self._unacked[0] if self._unacked else None
-            now = time.monotonic()
-            waited = now - head.sent_at if head is not None and not head.settled else 0.0
-            self.stats.kafka_wait = waited
+            waited = (
+                time.monotonic() - head.sent_at if head is not None and not head.settled else 0.0
+            )
             if slow is not None and slow.settled:
                 log.info("Kafka acknowledged the slow write after %.1f s",
                          slow.acked_at - slow.sent_at)  # fmt: skip
@@ -294,6 +296,7 @@ class KafkaSink:
             return
         while unacked and unacked[0].settled:
             self._account(unacked.popleft())
+        self.stats.kafka_waiting_since = unacked[0].sent_at if unacked else None
 
     async def drain(self, records: trio.MemoryReceiveChannel[Record], deadline: float) -> None:
         """After the tasks are gone: send what is still queued, settle all by `deadline`."""
@@ -305,6 +308,8 @@ class KafkaSink:
                 await trio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
             while batch := _drain(records, MAX_BATCH):
                 pending = Pending(len(batch), self._on_settled)
+                if not self._unacked:
+                    self.stats.kafka_waiting_since = pending.sent_at
                 self._unacked.append(pending)
                 await trio.to_thread.run_sync(self._hand, batch, pending)
             while self._unacked:

@@ -39,10 +39,10 @@ class Stats:
     # buffer overflowed); held candles shed during a long fill. Their gaps are filled.
     pending_dropped: int = 0
     held_evicted: int = 0
-    # Batches Kafka took longer than sink.SLOW_WRITE to acknowledge (each logged), and how
-    # long the oldest unacknowledged batch has waited (0: none waits), looked at every second.
+    # Batches Kafka took longer than sink.SLOW_WRITE to acknowledge (each logged), and when
+    # the oldest unacknowledged batch was handed to kafka-python (None: none waits).
     slow_writes: int = 0
-    kafka_wait: float = 0.0
+    kafka_waiting_since: float | None = None
     fills_started: int = 0
     history_connections: int = 0
     history_errors: collections.Counter[str] = dataclasses.field(
@@ -63,6 +63,11 @@ class Stats:
     def alive_age(self) -> float:
         """Seconds since the connection last showed life: a frame or an answered ping."""
         return time.monotonic() - max(self.last_frame_at, self.last_alive_at)
+
+    def kafka_wait(self) -> float:
+        """Seconds the oldest unacknowledged batch has waited for Kafka; 0 when none waits."""
+        since = self.kafka_waiting_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def ack_age(self) -> float:
         """Seconds since Kafka last acknowledged a candle: how stale the topic is."""
@@ -88,7 +93,7 @@ class Stats:
             pending_dropped=self.pending_dropped,
             held_evicted=self.held_evicted,
             slow_writes=self.slow_writes,
-            kafka_wait=self.kafka_wait,
+            kafka_wait=self.kafka_wait(),
             fills_started=self.fills_started,
             history_connections=self.history_connections,
             history_errors=dict(self.history_errors),
