@@ -2,7 +2,8 @@
 min.insync.replicas=2) and the emulator over wss, with the service through its public entry
 point: a partition leader killed, the active controller killed, a rolling restart, two of
 three nodes down for longer than the producer's request timeout, and for longer than its
-delivery timeout (the run ends, the next resumes). Each run's closed candles in Kafka equal
+delivery timeout (the run ends, the next resumes), and a stop command sent as the leader of
+the control and events topics is killed. Each run's closed candles in Kafka equal
 the emulator's (none lost, none doubled, in order per stream), its telemetry is `started`,
 `loading` at its interval, one terminal event, and once the cluster is whole again no candle
 waits FRESH seconds more (from its close, or from the moment the cluster was whole for one that
@@ -31,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 import trustme
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaProducer
 from kafka_broker import KafkaCluster, private_cluster
 from timing import scaled
 from worker_tools import (
@@ -335,4 +337,83 @@ async def test_below_min_isr_past_the_delivery_timeout_ends_with_exit_1_and_the_
     print(
         f"\nfirst pod {outcome.records_written} candles, then exit 1; next pod "
         f"{resumed.records_written} (backfilled {second.stats.candles_backfilled})"
+    )
+
+
+def send_one(cluster: KafkaCluster, topic: str, value: bytes) -> float:
+    """One record, acknowledged (acks=all), however long a leader election takes; returns
+    its timestamp (the append time, on a LogAppendTime topic), in seconds."""
+    producer = KafkaProducer(**cluster.broker.producer_config())
+    try:
+        metadata = producer.send(topic, value=value).get(timeout=scaled(60))
+        return float(metadata.timestamp) / 1000
+    finally:
+        producer.close(timeout=5)
+
+
+def topics_led_by(cluster: KafkaCluster, node: int, names: list[str]) -> None:
+    """Create one-partition topics whose preferred leader (first replica) is `node`, each
+    record stamped with its append time."""
+    replicas = [node, *(other for other in cluster.nodes if other != node)]
+    admin = KafkaAdminClient(**cluster.broker.client_config("plaintext"))
+    try:
+        admin.create_topics(
+            {
+                name: {
+                    "assignments": {0: replicas},
+                    "configs": {"message.timestamp.type": "LogAppendTime"},
+                }
+                for name in names
+            },
+            wait_for_metadata=True,
+        )
+    finally:
+        admin.close()
+    for name in names:
+        cluster.wait_full_isr(name)
+        assert cluster.partition(name).leader == node
+
+
+async def test_stop_command_while_the_control_and_events_leaders_move(
+    cluster: KafkaCluster, binance_ca: trustme.CA
+) -> None:
+    """A stop command sent as the node leading the control and events topics is killed: the
+    worker reads it from the new leader and obeys it once (one terminal event, `interrupted`),
+    within the shutdown budget counted from the command's append to the control topic."""
+    topic = await in_thread(data_topic, cluster, "failover-stop")
+    async with wss_emulator(binance_ca) as emulator:
+        settings = worker_settings(
+            cluster.broker, emulator, topic, listener="sasl_ssl", SYMBOL=",".join(SYMBOLS),
+            INTERVAL=INTERVAL, KAFKA_DELIVERY_TIMEOUT="60",
+        )  # fmt: skip
+        doomed = cluster.nodes[0]
+        await in_thread(
+            topics_led_by, cluster, doomed,
+            [settings.queue_control_topic, settings.queue_events_topic],
+        )  # fmt: skip
+        async with running_worker(settings) as worker:
+            with trio.fail_after(scaled(60)):
+                await worker.wait_written(5 * len(SYMBOLS))
+            await in_thread(cluster.kill, doomed)
+            stop = msgspec.json.encode({"command": "stop", "queue_id": settings.queue_id})
+            appended = await in_thread(send_one, cluster, settings.queue_control_topic, stop)
+            with trio.fail_after(scaled(settings.shutdown_budget + 5)):
+                outcome = await worker.finished()
+            # At most: the run may have ended while send_one was still closing its producer.
+            took = time.time() - appended
+        await in_thread(cluster.start)
+        await in_thread(whole, cluster, topic)
+        published = candles(
+            await read_topic(cluster.broker, topic, expected=outcome.records_written)
+        )
+        assert len(published) == outcome.records_written
+        for symbol in SYMBOLS:
+            assert_matches_market(published, emulator, symbol, INTERVAL)
+    assert took < settings.shutdown_budget
+    assert worker.stats.control_ignored == 0
+    events = telemetry(await read_topic(cluster.broker, settings.queue_events_topic))
+    assert terminal(events, outcome.exit_code) == row("stop command")
+    print(
+        f"\nstopped {took:.1f} s after the command was appended "
+        f"(budget {settings.shutdown_budget:.0f} s); {len(published)} candles, exact"
     )
