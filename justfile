@@ -90,19 +90,21 @@ lint-deploy: sync
 contracts: sync
     uv run python -m loader schema --write
 
-# Start the local Kafka broker (fetches its pinned jars once; harmless when running).
-kafka-up: sync
-    {{ broker }} up
+# Start the local Kafka (fetches its pinned jars once; harmless when running). `just kafka-up --nodes 3`: a three-node cluster (each node broker and controller, replication factor 3, min.insync.replicas=2); without --nodes, as last started (one node at first).
+[positional-arguments]
+kafka-up *args: sync
+    {{ broker }} up "$@"
 
-# Stop the local Kafka broker (its whole process group) and wait until its ports are free.
-kafka-down:
-    {{ broker }} down
+# Stop the local Kafka (every node's whole process group) and wait until its ports are free; `--node N` stops one node of a cluster.
+[positional-arguments]
+kafka-down *args:
+    {{ broker }} down "$@"
 
 # Stop the local Kafka broker and delete its data, logs and config (keeps jars, certs, password).
 kafka-wipe:
     {{ broker }} wipe
 
-# Show whether the local Kafka broker runs and both its listeners answer.
+# Show whether the local Kafka runs and both listeners of each node answer.
 kafka-status:
     {{ broker }} status
 

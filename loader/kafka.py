@@ -32,6 +32,8 @@ METADATA_TIMEOUT = 10.0
 # Bootstrap attempts cut during the SASL login, in a row, taken for a refused password: one
 # could be a broker restarting; three in a second are not.
 CUT_LOGINS = 3
+# The longest wait before reconnecting to a broker that failed (see client_config).
+RECONNECT_BACKOFF_MAX_MS = 1000
 
 
 class KafkaFailure(Exception):
@@ -74,6 +76,12 @@ def client_config(
         "security_protocol": kafka.security_protocol,
         "bootstrap_timeout_ms": int(timeout * 1000),
         "request_timeout_ms": int(min(timeout, request_timeout) * 1000),
+        # kafka-python doubles the wait before reconnecting to a broker with each failure, up
+        # to this (its default, 30 s; Java's client: 1 s). A broker that was down a while (a
+        # restart, a kill) is then not tried again for up to 30 s after it is back, and when
+        # it leads a partition again (the controller moves leaders back to their preferred
+        # replica), writes to that partition wait as long: seconds of stall for nothing.
+        "reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS,
     }
     if kafka.security_protocol != "PLAINTEXT":
         config["ssl_check_hostname"] = True

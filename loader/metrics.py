@@ -128,6 +128,17 @@ class _StatsCollector(Collector):
             s.held_evicted,
         )
         yield _counter(
+            "kafka_slow_writes",
+            "Batches of candles Kafka took more than 5 s to acknowledge (each logged, with "
+            "the partitions and leaders it waited on).",
+            s.slow_writes,
+        )
+        yield GaugeMetricFamily(
+            "loader_kafka_wait_seconds",
+            "Seconds the oldest unacknowledged batch has waited for Kafka (0: none waits).",
+            value=s.kafka_wait,
+        )
+        yield _counter(
             "history_connections", "WebSocket API connections opened.", s.history_connections
         )
         yield _labelled(

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
-from kafka import KafkaProducer
+from kafka import KafkaProducer, TopicPartition
 from kafka.partitioner.default import murmur2
 
 from loader.kafka import KafkaFailure, NotSent, describe
@@ -55,6 +55,10 @@ MAX_HOLD = 0.015
 ACK_HOLD = 0.005
 # The longest an acknowledgement nobody waits for goes uncounted.
 ACK_TICK = 0.050
+# A batch Kafka has not acknowledged after this long is logged (a warning naming the
+# partitions it waits on and their leaders) and counted; looked at every SLOW_CHECK.
+SLOW_WRITE = 5.0
+SLOW_CHECK = 1.0
 
 
 class DeliveryFailed(KafkaFailure):
@@ -66,8 +70,8 @@ class Pending:
     `on_settled` is called (in kafka-python's I/O thread, or the sending thread)."""
 
     __slots__ = (
-        "_lock", "_on_settled", "_remaining", "acked_at", "count", "due", "error", "sent_at",
-        "settled",
+        "_lock", "_on_settled", "_remaining", "acked_at", "batch", "count", "due", "error",
+        "sent_at", "settled",
     )  # fmt: skip
 
     def __init__(
@@ -80,6 +84,7 @@ class Pending:
         self.due = due  # trio time by which Trio counts it, woken or not
         self.error: BaseException | None = None
         self.settled = False
+        self.batch: Sequence[Record] = ()  # what it carries, for a slow write's warning
 
     def watch(self, futures: Sequence[Any]) -> None:
         """Settle as these futures do (each a record of the batch, in any thread)."""
@@ -146,6 +151,7 @@ class KafkaSink:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._count_late_acks)
+                nursery.start_soon(self._watch_slow_writes)
                 task_status.started()
                 async for first in records:
                     batch = [first, *_drain(records, MAX_BATCH - 1)]
@@ -190,6 +196,9 @@ class KafkaSink:
 
     def _hand_off(self, batch: list[Record]) -> None:
         pending = Pending(len(batch), self._on_settled, trio.current_time() + ACK_TICK)
+        pending.batch = batch
+        if not self._unacked:
+            self.stats.kafka_waiting_since = pending.sent_at
         self._unacked.append(pending)
         self._queue.put((batch, pending))
         self._retick()
@@ -230,6 +239,50 @@ class KafkaSink:
                 self._acked = trio.Event()
             self._collect()
 
+    async def _watch_slow_writes(self) -> None:
+        """Every SLOW_CHECK: once the oldest unacknowledged batch has waited SLOW_WRITE, one
+        warning (and one count) for that batch, and a line when Kafka acknowledges again.
+        Nothing else says that Kafka holds the candles back: its client retries quietly until
+        the delivery timeout."""
+        slow: Pending | None = None
+        while True:
+            await trio.sleep(SLOW_CHECK)
+            head = self._unacked[0] if self._unacked else None
+            waited = (
+                time.monotonic() - head.sent_at if head is not None and not head.settled else 0.0
+            )
+            if slow is not None and slow.settled:
+                log.info("Kafka acknowledged the slow write after %.1f s",
+                         slow.acked_at - slow.sent_at)  # fmt: skip
+                slow = None
+            if head is not None and waited >= SLOW_WRITE and slow is None:
+                slow = head
+                self.stats.slow_writes += 1
+                log.warning("Kafka has not acknowledged %d candles for %.0f s; waiting on %s",
+                            head.count, waited, self._waiting_on(head))  # fmt: skip
+
+    def _waiting_on(self, pending: Pending) -> str:
+        """The partitions of a batch and their leaders, as the producer's metadata has them.
+        Never raises: a warning must not end the run."""
+        partitions = sorted({p for key, _ in pending.batch if (p := self._partitions.get(key))
+                             is not None})  # fmt: skip
+        described = []
+        for partition in partitions:
+            try:
+                where = self._leader_of(partition)
+            except Exception as exc:  # kafka-python's internals moved: say so, go on
+                where = f"leader not known: {describe(exc)}"
+            described.append(f"{self.topic}-{partition} ({where})")
+        return ", ".join(described) or f"{self.topic} (partitions not known yet)"
+
+    def _leader_of(self, partition: int) -> str:
+        metadata = self.producer._metadata  # kafka-python's ClusterMetadata: no public view
+        leader = metadata.leader_for_partition(TopicPartition(self.topic, partition))
+        broker = metadata.broker_metadata(leader) if leader not in (None, -1) else None
+        if broker is None:
+            return "no leader known"
+        return f"leader broker {leader} at {broker.host}:{broker.port}"
+
     def _retick(self) -> None:
         """A first batch in flight arms the timer; later ones leave it (an early look at the
         head costs one wake-up and re-arms it)."""
@@ -243,6 +296,7 @@ class KafkaSink:
             return
         while unacked and unacked[0].settled:
             self._account(unacked.popleft())
+        self.stats.kafka_waiting_since = unacked[0].sent_at if unacked else None
 
     async def drain(self, records: trio.MemoryReceiveChannel[Record], deadline: float) -> None:
         """After the tasks are gone: send what is still queued, settle all by `deadline`."""
@@ -254,6 +308,8 @@ class KafkaSink:
                 await trio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
             while batch := _drain(records, MAX_BATCH):
                 pending = Pending(len(batch), self._on_settled)
+                if not self._unacked:
+                    self.stats.kafka_waiting_since = pending.sent_at
                 self._unacked.append(pending)
                 # Abandoned at the deadline: a send may wait for metadata (max_block_ms).
                 await trio.to_thread.run_sync(self._hand, batch, pending, abandon_on_cancel=True)

@@ -43,6 +43,10 @@ class Stats:
     # buffer overflowed); held candles shed during a long fill. Their gaps are filled.
     pending_dropped: int = 0
     held_evicted: int = 0
+    # Batches Kafka took longer than sink.SLOW_WRITE to acknowledge (each logged), and when
+    # the oldest unacknowledged batch was handed to kafka-python (None: none waits).
+    slow_writes: int = 0
+    kafka_waiting_since: float | None = None
     fills_started: int = 0
     history_connections: int = 0
     history_errors: collections.Counter[str] = dataclasses.field(
@@ -83,6 +87,11 @@ class Stats:
             return 0.0
         return time.monotonic() - max(self.last_ack_at, self.connecting_since)
 
+    def kafka_wait(self) -> float:
+        """Seconds the oldest unacknowledged batch has waited for Kafka; 0 when none waits."""
+        since = self.kafka_waiting_since
+        return 0.0 if since is None else time.monotonic() - since
+
     def ack_age(self) -> float:
         """Seconds since Kafka last acknowledged a candle: how stale the topic is."""
         return time.monotonic() - self.last_ack_at
@@ -107,6 +116,8 @@ class Stats:
             symbols_dropped=self.symbols_dropped,
             pending_dropped=self.pending_dropped,
             held_evicted=self.held_evicted,
+            slow_writes=self.slow_writes,
+            kafka_wait=self.kafka_wait(),
             fills_started=self.fills_started,
             history_connections=self.history_connections,
             history_errors=dict(self.history_errors),
@@ -136,6 +147,8 @@ class StatsSnapshot:
     symbols_dropped: int
     pending_dropped: int
     held_evicted: int
+    slow_writes: int
+    kafka_wait: float
     fills_started: int
     history_connections: int
     history_errors: dict[str, int]

@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -194,14 +195,15 @@ def broker_from_env(environ: Mapping[str, str]) -> KafkaBroker | None:
 
 
 def load_broker_module() -> ModuleType:
-    """kafka/broker.py as a module, for its probes and process helpers."""
+    """The local Kafka's package (kafka/local/, loaded the way kafka/broker.py loads it), for
+    its probes and process helpers."""
     spec = importlib.util.spec_from_file_location("local_kafka_broker", BROKER_SCRIPT)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and the like look themselves up there
     spec.loader.exec_module(module)
-    return module
+    package: ModuleType = module.load_package()
+    return package
 
 
 def run_broker_script(
@@ -244,13 +246,16 @@ def stop_local_broker(env: Mapping[str, str] | None = None) -> None:
 
 
 def serves(broker: KafkaBroker) -> bool:
-    """A quick look (one metadata request on PLAINTEXT) at whether the broker answers."""
-    host, _, port = broker.plaintext.rpartition(":")
-    try:
-        _BROKER_MODULE.probe_plaintext(host, int(port))
-    except (OSError, _BROKER_MODULE.ProtocolError):
-        return False
-    return True
+    """A quick look (one metadata request on PLAINTEXT) at whether the broker answers (any
+    node of a cluster)."""
+    for address in broker.plaintext.split(","):
+        host, _, port = address.rpartition(":")
+        try:
+            _BROKER_MODULE.probe_plaintext(host, int(port))
+        except (OSError, _BROKER_MODULE.ProtocolError):
+            continue
+        return True
+    return False
 
 
 def free_ports(count: int) -> list[int]:
@@ -261,18 +266,20 @@ def free_ports(count: int) -> list[int]:
         return [sock.getsockname()[1] for sock in socks]
 
 
-def private_home(home: Path, *, auto_create_topics: bool = True) -> dict[str, str]:
-    """The LOADER_KAFKA_* variables for a broker of its own in `home`, on free ports, with the
-    shared broker's jars lent to it (when they are fetched) so it costs no download."""
+def private_home(home: Path, nodes: int = 1, *, auto_create_topics: bool = True) -> dict[str, str]:
+    """The LOADER_KAFKA_* variables for a broker (or cluster of `nodes`) of its own in `home`,
+    on free ports, with the shared broker's jars lent to it (when they are fetched) so it costs
+    no download."""
     home.mkdir(parents=True, exist_ok=True)
-    if _BROKER_MODULE.jars_present(_BROKER_MODULE.Layout()):
-        (home / "libs").symlink_to(_BROKER_MODULE.Layout().libs, target_is_directory=True)
-    plaintext, sasl_ssl, controller = free_ports(3)
+    if _BROKER_MODULE.jars_present(_BROKER_MODULE.Layout(1)):
+        (home / "libs").symlink_to(_BROKER_MODULE.Layout(1).libs, target_is_directory=True)
+    ports = free_ports(3 * nodes)
+    plaintext, sasl_ssl, controller = (ports[kind::3] for kind in range(3))
     return {
         "LOADER_KAFKA_HOME": str(home),
-        "LOADER_KAFKA_PLAINTEXT_PORT": str(plaintext),
-        "LOADER_KAFKA_SASL_SSL_PORT": str(sasl_ssl),
-        "LOADER_KAFKA_CONTROLLER_PORT": str(controller),
+        "LOADER_KAFKA_PLAINTEXT_PORT": ",".join(map(str, plaintext)),
+        "LOADER_KAFKA_SASL_SSL_PORT": ",".join(map(str, sasl_ssl)),
+        "LOADER_KAFKA_CONTROLLER_PORT": ",".join(map(str, controller)),
         "LOADER_KAFKA_AUTO_CREATE_TOPICS": "true" if auto_create_topics else "false",
     }
 
@@ -287,6 +294,146 @@ def private_broker(home: Path, *, auto_create_topics: bool = True) -> Iterator[K
         yield broker
     finally:
         stop_local_broker(env)
+
+
+@dataclass(frozen=True)
+class PartitionState:
+    leader: int
+    """-1 while the partition has no leader."""
+    replicas: tuple[int, ...]
+    isr: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class KafkaCluster:
+    """A private KRaft cluster (each node broker and controller) and its nodes' lifecycle:
+    stop one as Kubernetes does (SIGTERM, then wait), kill one (SIGKILL), start what is down."""
+
+    broker: KafkaBroker
+    """Bootstrap addresses list every node."""
+    nodes: tuple[int, ...]
+
+    def status(self) -> dict[str, Any]:
+        result = run_broker_script("status", "--json", check=False, env=self.broker.env)
+        status: dict[str, Any] = json.loads(result.stdout)
+        return status
+
+    def pid_or_none(self, node: int) -> int | None:
+        for report in self.status()["nodes"]:
+            if report["node"] == node and report["running"]:
+                return int(report["pid"])
+        return None
+
+    def pid(self, node: int) -> int:
+        pid = self.pid_or_none(node)
+        if pid is None:
+            raise RuntimeError(f"node {node} of the cluster at {self.broker.plaintext} is down")
+        return pid
+
+    def plaintext(self, node: int) -> str:
+        return self.broker.plaintext.split(",")[self.nodes.index(node)]
+
+    def stop(self, node: int) -> None:
+        """SIGTERM the node (a controlled shutdown) and wait until it is gone."""
+        run_broker_script("down", "--node", str(node), env=self.broker.env)
+
+    def kill(self, node: int) -> None:
+        """SIGKILL the node's JVM and wait until the process is gone."""
+        pid = self.pid(node)
+        started = _BROKER_MODULE.start_time(pid)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + scaled(10.0)
+        while _BROKER_MODULE.alive(pid, started):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node {node} (pid {pid}) outlived SIGKILL")
+            time.sleep(0.05)  # polling /proc for the exit of a process we do not parent
+
+    def start(self) -> None:
+        """Start every node that does not run; return once every node serves."""
+        run_broker_script("up", env=self.broker.env)
+
+    def partition(self, topic: str, partition: int = 0) -> PartitionState:
+        """Leader, replicas and ISR of a partition, as the cluster's metadata says now."""
+        admin = KafkaAdminClient(**self.broker.client_config("plaintext"))
+        try:
+            (described,) = admin.describe_topics([topic])
+        finally:
+            admin.close()
+        for state in described["partitions"]:
+            if state["partition_index"] == partition:
+                return PartitionState(
+                    leader=state["leader_id"],
+                    replicas=tuple(state["replica_nodes"]),
+                    isr=tuple(sorted(state["isr_nodes"])),
+                )
+        raise RuntimeError(f"{topic}-{partition} is not in the cluster's metadata")
+
+    def active_controller(self) -> int:
+        """The KRaft quorum's leader, as Kafka's own metadata-quorum tool reports it (the
+        Metadata API names a random broker as "controller" under KRaft)."""
+        for node in self.nodes:
+            if self.pid_or_none(node) is None:
+                continue
+            result = run_broker_script(
+                "tool", "metadata-quorum", "--bootstrap-server", self.plaintext(node),
+                "describe", "--status", env=self.broker.env, check=False,
+            )  # fmt: skip
+            found = re.search(r"^LeaderId:\s+(\d+)$", result.stdout, re.MULTILINE)
+            if found is not None:
+                return int(found.group(1))
+        raise RuntimeError(f"no node of the cluster at {self.broker.plaintext} names a leader")
+
+    def elect_preferred_leaders(self, topic: str) -> None:
+        """Move the leadership of each partition of `topic` back to its preferred replica (the
+        first), as the controller's periodic rebalance does (leader.imbalance.check...)."""
+        admin = KafkaAdminClient(**self.broker.client_config("plaintext"))
+        try:
+            admin.elect_leaders(0, [topic])  # 0: ElectionType.PREFERRED
+        finally:
+            admin.close()
+
+    def wait_full_isr(self, topic: str, partition: int = 0, timeout: float | None = None) -> None:
+        """Poll the metadata until every node is in the partition's ISR again."""
+        deadline = time.monotonic() + (scaled(60.0) if timeout is None else timeout)
+        while True:
+            try:
+                state = self.partition(topic, partition)
+            except Exception:  # a node coming back: metadata may be unreachable for a moment
+                state = None
+            if state is not None and state.isr == tuple(sorted(self.nodes)):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}-{partition}: ISR {state} is not full")
+            time.sleep(0.2)  # polling the cluster's metadata, with a deadline
+
+
+@contextlib.contextmanager
+def private_cluster(home: Path, nodes: int = 3) -> Iterator[KafkaCluster]:
+    """A cluster of the caller's own (replication factor 3 and min.insync.replicas=2 with three
+    nodes), in `home` on free ports; every node stopped (and checked gone) afterwards."""
+    env = private_home(home, nodes)
+    run_broker_script("up", "--nodes", str(nodes), env=env)
+    try:
+        broker = start_local_broker(env)
+        yield KafkaCluster(broker=broker, nodes=tuple(range(1, nodes + 1)))
+    finally:
+        stop_local_broker(env)
+
+
+def processes_of(home: Path) -> list[int]:
+    """Every process whose command line or environment mentions `home`: the wrapper, the
+    JVM, anything they left."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) == os.getpid():
+            continue
+        try:
+            text = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if str(home).encode() in text and _BROKER_MODULE.start_time(int(proc.name)) is not None:
+            found.append(int(proc.name))
+    return found
 
 
 def local_broker_pid(broker: KafkaBroker) -> int:

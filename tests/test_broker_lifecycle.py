@@ -8,14 +8,13 @@ window where an earlier broker.py declared its own child dead and orphaned it.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kafka_broker import load_broker_module, private_home, run_broker_script
+from kafka_broker import load_broker_module, private_home, processes_of, run_broker_script
 
 broker_py = load_broker_module()
 
@@ -52,22 +51,6 @@ def env(home: Path) -> Iterator[dict[str, str]]:
     }
     yield values
     run_broker_script("down", env=values, check=False)
-
-
-def processes_of(home: Path) -> list[int]:
-    """Every process whose command line or environment mentions `home`: the wrapper, the
-    JVM, anything they left."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        if int(proc.name) == os.getpid():
-            continue
-        try:
-            text = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if str(home).encode() in text and broker_py.start_time(int(proc.name)) is not None:
-            found.append(int(proc.name))
-    return found
 
 
 def assert_nothing_left(home: Path, env: dict[str, str]) -> None:

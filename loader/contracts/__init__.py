@@ -325,9 +325,12 @@ def asyncapi() -> Json:
                 "summary": "The loader reports its state.",
                 "bindings": {
                     "kafka": _producing(
-                        "acks=all, idempotent producer; each event is acknowledged before "
-                        "the next is sent. A terminal event the main producer could not send "
-                        "goes through a producer of its own (acks=all, one record)."
+                        "acks=all, idempotent producer; a loading event is sent every "
+                        "TELEMETRY_INTERVAL whether or not the one before was acknowledged "
+                        "(in order: one producer, one partition per key), and the terminal "
+                        "event after every other. A terminal event the main producer surely "
+                        "did not write goes through a producer of its own (acks=all, one "
+                        "record), so it is sent at most once."
                     )
                 },
             },
