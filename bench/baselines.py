@@ -28,7 +28,7 @@ from kafka import KafkaConsumer, TopicPartition
 from loader.binance import FrameDecoder, KlineEvent, to_candle
 from loader.kafka import open_producer
 from loader.settings import KafkaSettings
-from loader.source import HARD_FRAME_LIMIT
+from loader.source import open_market_connection
 from loader.testing import KlineEvent as WireEvent
 from loader.testing import Market
 
@@ -59,14 +59,7 @@ def _args() -> argparse.Namespace:
 async def _ws(url: str, warmup: float, seconds: float) -> Result:
     measured: list[Result] = []
     try:
-        async with trio_websocket.open_websocket_url(
-            url,
-            message_queue_size=256,
-            max_message_size=HARD_FRAME_LIMIT,
-            receive_buffer_size=64 * 1024,
-            connect_timeout=10,
-            disconnect_timeout=2,
-        ) as ws:
+        async with open_market_connection(url, None) as ws:  # wss: the default context
             with trio.move_on_after(warmup):
                 while True:
                     await ws.get_message()

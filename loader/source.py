@@ -18,8 +18,10 @@ import collections
 import itertools
 import logging
 import math
+import ssl
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Final
 
 import msgspec
@@ -211,15 +213,7 @@ class Lane:
         )
         outbox, requests = trio.open_memory_channel[tuple[str, list[str]]](math.inf)
         with conn.scope:
-            async with trio_websocket.open_websocket_url(
-                source.base + path,
-                ssl_context=source.tls.context,
-                message_queue_size=256,
-                max_message_size=HARD_FRAME_LIMIT,
-                receive_buffer_size=64 * 1024,
-                connect_timeout=10,
-                disconnect_timeout=2,
-            ) as ws:
+            async with open_market_connection(source.base + path, source.tls.context) as ws:
                 pace(ws, source.settings.coalesce)
                 conn.connected_at = trio.current_time()
                 # The streams not in the URL, and any the lane adds from now on.
@@ -529,6 +523,22 @@ class Source:
             # from the hot path.
             await trio.sleep(0.05)
         return []
+
+
+def open_market_connection(
+    url: str, ssl_context: ssl.SSLContext | None
+) -> AbstractAsyncContextManager[trio_websocket.WebSocketConnection]:
+    """A market-stream connection with the worker's options (`just bench`'s bare reader opens
+    its own with this too, so that the floor it measures is the same connection)."""
+    return trio_websocket.open_websocket_url(
+        url,
+        ssl_context=ssl_context,
+        message_queue_size=256,
+        max_message_size=HARD_FRAME_LIMIT,
+        receive_buffer_size=64 * 1024,
+        connect_timeout=10,
+        disconnect_timeout=2,
+    )
 
 
 def _retry_after(exc: trio_websocket.ConnectionRejected) -> float:
